@@ -1,0 +1,62 @@
+"""Installs the ``umr`` package and builds the soft-rasterizer extension ``umr._C``.
+
+The extension's sources live in ``external/``: ``*.cpp`` files always (CPU kernel and
+bindings), ``*.cu`` files when CUDA is built. CUDA is built when nvcc is found and torch is a
+CUDA build, or when ``FORCE_CUDA=1``; ``FORCE_CUDA=0`` disables it. Without a visible GPU the
+target architectures default to ``UMR_DEFAULT_CUDA_ARCHS`` (override with
+``TORCH_CUDA_ARCH_LIST``).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+UMR_DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def _want_cuda(torch, cuda_home) -> bool:
+    force = os.environ.get("FORCE_CUDA")
+    if force is not None:
+        return force == "1"
+    return cuda_home is not None and torch.version.cuda is not None
+
+
+def _extensions():
+    cpp_sources = sorted(glob.glob("external/**/*.cpp", recursive=True))
+    if not cpp_sources:
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    include_dirs = [os.path.abspath(d) for d in sorted({os.path.dirname(s) for s in cpp_sources})]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    if _want_cuda(torch, CUDA_HOME):
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = UMR_DEFAULT_CUDA_ARCHS
+        ext = CUDAExtension(
+            "umr._C",
+            cpp_sources + sorted(glob.glob("external/**/*.cu", recursive=True)),
+            include_dirs=include_dirs,
+            define_macros=[("UMR_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "umr._C", cpp_sources, include_dirs=include_dirs, extra_compile_args=cxx_flags, extra_link_args=["-fopenmp"]
+        )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="umr",
+    version="0.1.0",
+    description="UMR: self-supervised single-view 3D reconstruction via semantic consistency (modern reimplementation)",
+    license="MIT",
+    packages=find_packages(include=["umr", "umr.*"]),
+    python_requires=">=3.10",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
