@@ -21,10 +21,23 @@ def _want_cuda(torch, cuda_home) -> bool:
     return cuda_home is not None and torch.version.cuda is not None
 
 
+def _locate_cuda_home() -> None:
+    """Point torch at the CUDA toolkit when ``nvcc`` on PATH is only a wrapper script.
+
+    torch derives CUDA_HOME from ``which nvcc`` (here /usr/local/bin/nvcc -> /usr/local), which
+    misses the toolkit's libraries; prefer the conventional /usr/local/cuda when it has nvcc.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _extensions():
     cpp_sources = sorted(glob.glob("external/**/*.cpp", recursive=True))
     if not cpp_sources:
         return [], {}
+    _locate_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 

@@ -1,0 +1,226 @@
+// CPU kernel of the soft rasterizer: binned, parallel over (image, tile) with at::parallel_for.
+// Inside a tile the loop is face-major (ascending face index, so every pixel still sees its
+// faces in order) and visits only the pixels of the face's expanded bounding box; per-face
+// sums (p2f, vertex gradients) are kept locally and added once per (tile, face).
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+
+#include "rasterize.h"
+
+namespace umr {
+namespace {
+
+template <typename T>
+inline void atomic_add(T* address, T value) {
+  std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+}
+
+template <typename T>
+void setup_faces(const T* face_vertices, int64_t count, T margin, int S, bool binning, T* info, int* ranges) {
+  at::parallel_for(0, count, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      setup_face(face_vertices + 9 * i, info + kFaceInfoSize * i);
+      face_pixel_range(info + kFaceInfoSize * i, margin, S, binning, ranges + 4 * i);
+    }
+  });
+}
+
+// CSR lists of the faces (ascending) whose range reaches each tile, tiles ordered (b, ty, tx).
+std::vector<at::Tensor> bin_faces(const at::Tensor& ranges_t, int64_t B, int64_t F, int64_t nt) {
+  const int* ranges = ranges_t.data_ptr<int>();
+  auto offsets_t = at::zeros({B * nt * nt + 1}, ranges_t.options().dtype(at::kLong));
+  int64_t* offsets = offsets_t.data_ptr<int64_t>();
+  auto for_each_tile = [&](int64_t b, int64_t f, auto&& fn) {
+    const int* range = ranges + 4 * (b * F + f);
+    if (range[0] > range[1] || range[2] > range[3]) return;
+    for (int ty = range[2] / kTileSize; ty <= range[3] / kTileSize; ++ty)
+      for (int tx = range[0] / kTileSize; tx <= range[1] / kTileSize; ++tx) fn(b * nt * nt + ty * nt + tx);
+  };
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      for (int64_t f = 0; f < F; ++f) for_each_tile(b, f, [&](int64_t tile) { ++offsets[tile + 1]; });
+  });
+  for (int64_t i = 0; i < B * nt * nt; ++i) offsets[i + 1] += offsets[i];
+  auto faces_t = at::empty({offsets[B * nt * nt]}, ranges_t.options().dtype(at::kInt));
+  int32_t* faces = faces_t.data_ptr<int32_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      std::vector<int64_t> cursor(offsets + b * nt * nt, offsets + (b + 1) * nt * nt);
+      for (int64_t f = 0; f < F; ++f)
+        for_each_tile(b, f, [&](int64_t tile) { faces[cursor[tile - b * nt * nt]++] = int32_t(f); });
+    }
+  });
+  return {offsets_t, faces_t};
+}
+
+struct TileBox {
+  int64_t b;
+  int r0, r1, c0, c1;  // half-open pixel box of the tile
+};
+
+inline TileBox tile_box(int64_t item, int64_t nt, int S) {
+  const int64_t t = item % (nt * nt);
+  TileBox box;
+  box.b = item / (nt * nt);
+  box.r0 = int(t / nt) * kTileSize;
+  box.c0 = int(t % nt) * kTileSize;
+  box.r1 = std::min(box.r0 + kTileSize, S);
+  box.c1 = std::min(box.c0 + kTileSize, S);
+  return box;
+}
+
+template <typename T>
+void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t* offsets, const int32_t* bins,
+                   int64_t B, int64_t F, const Settings<T>& s, bool return_p2f, T* image, int64_t* face_index,
+                   T* depth, T* softmax_sum, T* softmax_max, T* p2f) {
+  const int S = s.image_size;
+  const int64_t nt = num_tiles(S), plane = int64_t(S) * S;
+  at::parallel_for(0, B * nt * nt, 1, [&](int64_t begin, int64_t end) {
+    PixelState<T> state[kTileSize * kTileSize];
+    for (int64_t item = begin; item < end; ++item) {
+      const TileBox box = tile_box(item, nt, S);
+      for (int i = 0; i < kTileSize * kTileSize; ++i) init_pixel(s, state[i]);
+      for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
+        const int f = bins[k];
+        const int64_t face = box.b * F + f;
+        const T* finfo = info + kFaceInfoSize * face;
+        const T* ftex = tex + int64_t(s.texels) * 3 * face;
+        const int* range = ranges + 4 * face;
+        T p2f_sum[3] = {T(0), T(0), T(0)};
+        for (int r = std::max(range[2], box.r0); r <= std::min(range[3], box.r1 - 1); ++r) {
+          const T py = pixel_y<T>(r, S);
+          for (int c = std::max(range[0], box.c0); c <= std::min(range[1], box.c1 - 1); ++c) {
+            Coverage<T> cov;
+            if (!eval_coverage(finfo, pixel_x<T>(c, S), py, s, cov)) continue;
+            const T u = update_pixel(finfo, ftex, f, cov, s, state[(r - box.r0) * kTileSize + (c - box.c0)]);
+            if (return_p2f && u != T(0)) {
+              T g[2];
+              p2f_grid(r, c, s, g);
+              p2f_sum[0] += u * g[0];
+              p2f_sum[1] += u * g[1];
+              p2f_sum[2] += u;
+            }
+          }
+        }
+        if (p2f_sum[2] != T(0))
+          for (int j = 0; j < 3; ++j) atomic_add(p2f + 3 * face + j, p2f_sum[j]);
+      }
+      for (int r = box.r0; r < box.r1; ++r) {
+        for (int c = box.c0; c < box.c1; ++c) {
+          const PixelState<T>& p = state[(r - box.r0) * kTileSize + (c - box.c0)];
+          const int64_t pix = int64_t(r) * S + c;
+          T rgba[4];
+          finish_pixel(p, s, rgba);
+          for (int j = 0; j < 4; ++j) image[(box.b * 4 + j) * plane + pix] = rgba[j];
+          face_index[box.b * plane + pix] = p.fbest;
+          depth[box.b * plane + pix] = p.fbest >= 0 ? p.zbest : T(INFINITY);
+          if (s.aggr_rgb == RGB_SOFTMAX) {
+            softmax_sum[box.b * plane + pix] = p.ssum;
+            softmax_max[box.b * plane + pix] = p.smax;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_tiles(const T* grad_image, const T* tex, const T* image, const int64_t* face_index,
+                    const T* softmax_sum, const T* softmax_max, const T* info, const int* ranges, const int64_t* offsets,
+                    const int32_t* bins, int64_t B, int64_t F, const Settings<T>& s, T* grad_fv, T* grad_tex) {
+  const int S = s.image_size;
+  const int64_t nt = num_tiles(S), plane = int64_t(S) * S;
+  at::parallel_for(0, B * nt * nt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const TileBox box = tile_box(item, nt, S);
+      for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
+        const int f = bins[k];
+        const int64_t face = box.b * F + f;
+        const T* finfo = info + kFaceInfoSize * face;
+        const T* ftex = tex + int64_t(s.texels) * 3 * face;
+        const int* range = ranges + 4 * face;
+        T grad_face[9] = {};
+        for (int r = std::max(range[2], box.r0); r <= std::min(range[3], box.r1 - 1); ++r) {
+          const T py = pixel_y<T>(r, S);
+          for (int c = std::max(range[0], box.c0); c <= std::min(range[1], box.c1 - 1); ++c) {
+            const int64_t pix = box.b * plane + int64_t(r) * S + c;
+            T g[4], rgba[4];
+            for (int j = 0; j < 4; ++j) {
+              g[j] = grad_image[(box.b * 4 + j) * plane + int64_t(r) * S + c];
+              rgba[j] = image[(box.b * 4 + j) * plane + int64_t(r) * S + c];
+            }
+            if (g[0] == T(0) && g[1] == T(0) && g[2] == T(0) && g[3] == T(0)) continue;
+            Coverage<T> cov;
+            if (!eval_coverage(finfo, pixel_x<T>(c, S), py, s, cov)) continue;
+            const bool softmax = s.aggr_rgb == RGB_SOFTMAX;
+            TextureGrad<T> tg;
+            backward_pair(finfo, ftex, f, cov, s, g, rgba, softmax ? softmax_sum[pix] : T(1),
+                          softmax ? softmax_max[pix] : T(0), int(face_index[pix]), grad_face, tg);
+            T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
+            for (int i = 0; i < tg.count; ++i)
+              for (int j = 0; j < 3; ++j) atomic_add(gtex + 3 * tg.index[i] + j, tg.weight[i] * g[j]);
+          }
+        }
+        for (int j = 0; j < 9; ++j)
+          if (grad_face[j] != T(0)) atomic_add(grad_fv + 9 * face + j, grad_face[j]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> forward_cpu(const at::Tensor& face_vertices, const at::Tensor& textures,
+                                    const RasterConfig& cfg) {
+  const int64_t B = face_vertices.size(0), F = face_vertices.size(1), texels = textures.size(2);
+  const int64_t S = cfg.image_size, nt = num_tiles(S);
+  const auto opts = face_vertices.options();
+  auto info = at::empty({B, F, kFaceInfoSize}, opts);
+  auto ranges = at::empty({B, F, 4}, opts.dtype(at::kInt));
+  auto image = at::empty({B, 4, S, S}, opts);
+  auto face_index = at::empty({B, S, S}, opts.dtype(at::kLong));
+  auto depth = at::empty({B, S, S}, opts);
+  const bool softmax = cfg.aggr_rgb == RGB_SOFTMAX;
+  auto softmax_sum = softmax ? at::empty({B, S, S}, opts) : at::empty({0}, opts);
+  auto softmax_max = softmax ? at::empty({B, S, S}, opts) : at::empty({0}, opts);
+  auto p2f = cfg.return_p2f ? at::zeros({B, F, 3}, opts) : at::empty({0}, opts);
+  std::vector<at::Tensor> bins;
+  AT_DISPATCH_FLOATING_TYPES(face_vertices.scalar_type(), "umr_rasterize_forward_cpu", [&] {
+    const Settings<scalar_t> s = make_settings<scalar_t>(cfg, int(F), int(texels));
+    setup_faces(face_vertices.data_ptr<scalar_t>(), B * F, s.margin, int(S), cfg.binning, info.data_ptr<scalar_t>(),
+                ranges.data_ptr<int>());
+    bins = bin_faces(ranges, B, F, nt);
+    forward_tiles(textures.data_ptr<scalar_t>(), info.data_ptr<scalar_t>(), ranges.data_ptr<int>(),
+                  bins[0].data_ptr<int64_t>(), bins[1].data_ptr<int32_t>(), B, F, s, cfg.return_p2f,
+                  image.data_ptr<scalar_t>(), face_index.data_ptr<int64_t>(), depth.data_ptr<scalar_t>(),
+                  softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
+                  softmax ? softmax_max.data_ptr<scalar_t>() : nullptr,
+                  cfg.return_p2f ? p2f.data_ptr<scalar_t>() : nullptr);
+  });
+  return {image, face_index, depth, softmax_sum, softmax_max, p2f, info, ranges, bins[0], bins[1]};
+}
+
+std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_image, const at::Tensor& textures,
+                                     const at::Tensor& image, const at::Tensor& face_index,
+                                     const at::Tensor& softmax_sum, const at::Tensor& softmax_max,
+                                     const at::Tensor& face_info, const at::Tensor& face_ranges,
+                                     const at::Tensor& bin_offsets, const at::Tensor& bin_faces,
+                                     const RasterConfig& cfg) {
+  const int64_t B = face_info.size(0), F = face_info.size(1), texels = textures.size(2);
+  auto grad_fv = at::zeros({B, F, 3, 3}, face_info.options());
+  auto grad_tex = at::zeros_like(textures);
+  const bool softmax = cfg.aggr_rgb == RGB_SOFTMAX;
+  AT_DISPATCH_FLOATING_TYPES(face_info.scalar_type(), "umr_rasterize_backward_cpu", [&] {
+    const Settings<scalar_t> s = make_settings<scalar_t>(cfg, int(F), int(texels));
+    backward_tiles(grad_image.data_ptr<scalar_t>(), textures.data_ptr<scalar_t>(), image.data_ptr<scalar_t>(),
+                   face_index.data_ptr<int64_t>(), softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
+                   softmax ? softmax_max.data_ptr<scalar_t>() : nullptr, face_info.data_ptr<scalar_t>(),
+                   face_ranges.data_ptr<int>(), bin_offsets.data_ptr<int64_t>(), bin_faces.data_ptr<int32_t>(), B, F, s,
+                   grad_fv.data_ptr<scalar_t>(), grad_tex.data_ptr<scalar_t>());
+  });
+  return {grad_fv, grad_tex};
+}
+
+}  // namespace umr

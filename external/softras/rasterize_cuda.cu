@@ -1,0 +1,203 @@
+// CUDA kernel of the soft rasterizer: the same per-pixel math as the CPU kernel
+// (rasterize_math.h). One thread per pixel, one 16 x 16 block per tile, so all threads of a
+// block walk the same list of binned faces (ascending index). Bins are built on the device:
+// one thread per (image, tile) scans the faces in order, counting then filling, so the lists
+// are ascending without a sort. p2f sums and gradients use atomics.
+// Only c10's CUDA headers: ATen/cuda/CUDAContext.h would pull in cuBLAS/cuSPARSE headers,
+// which a plain CUDA toolkit (nvcc only) need not have.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "rasterize.h"
+
+namespace umr {
+namespace {
+
+template <typename T>
+__global__ void setup_faces_kernel(const T* __restrict__ face_vertices, int64_t count, T margin, int S, bool binning,
+                                   T* __restrict__ info, int* __restrict__ ranges) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  setup_face(face_vertices + 9 * i, info + kFaceInfoSize * i);
+  face_pixel_range(info + kFaceInfoSize * i, margin, S, binning, ranges + 4 * i);
+}
+
+// fill == false: counts[item + 1] = number of faces reaching tile `item`;
+// fill == true: writes those faces in ascending order starting at offsets[item].
+template <bool fill>
+__global__ void bin_kernel(const int* __restrict__ ranges, int64_t B, int64_t F, int64_t nt,
+                           int64_t* __restrict__ offsets, int32_t* __restrict__ faces) {
+  const int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (item >= B * nt * nt) return;
+  const int64_t b = item / (nt * nt), t = item % (nt * nt);
+  const int ty = int(t / nt), tx = int(t % nt);
+  int64_t cursor = fill ? offsets[item] : 0;
+  for (int64_t f = 0; f < F; ++f) {
+    if (!range_hits_tile(ranges + 4 * (b * F + f), tx, ty)) continue;
+    if (fill) faces[cursor] = int32_t(f);
+    ++cursor;
+  }
+  if (!fill) offsets[item + 1] = cursor;
+}
+
+template <typename T>
+__global__ void forward_kernel(const T* __restrict__ tex, const T* __restrict__ info,
+                               const int64_t* __restrict__ offsets, const int32_t* __restrict__ bins, int64_t F,
+                               int64_t nt, Settings<T> s, bool return_p2f, T* __restrict__ image,
+                               int64_t* __restrict__ face_index, T* __restrict__ depth, T* __restrict__ softmax_sum,
+                               T* __restrict__ softmax_max, T* __restrict__ p2f) {
+  const int S = s.image_size;
+  const int c = blockIdx.x * kTileSize + threadIdx.x, r = blockIdx.y * kTileSize + threadIdx.y;
+  const int64_t b = blockIdx.z;
+  if (r >= S || c >= S) return;
+  const int64_t item = (b * nt + blockIdx.y) * nt + blockIdx.x;
+  const T px = pixel_x<T>(c, S), py = pixel_y<T>(r, S);
+  PixelState<T> state;
+  init_pixel(s, state);
+  T grid[2];
+  p2f_grid(r, c, s, grid);
+  for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
+    const int f = bins[k];
+    const int64_t face = b * F + f;
+    Coverage<T> cov;
+    if (!eval_coverage(info + kFaceInfoSize * face, px, py, s, cov)) continue;
+    const T u = update_pixel(info + kFaceInfoSize * face, tex + int64_t(s.texels) * 3 * face, f, cov, s, state);
+    if (return_p2f && u != T(0)) {
+      atomicAdd(p2f + 3 * face, u * grid[0]);
+      atomicAdd(p2f + 3 * face + 1, u * grid[1]);
+      atomicAdd(p2f + 3 * face + 2, u);
+    }
+  }
+  const int64_t plane = int64_t(S) * S, pix = int64_t(r) * S + c;
+  T rgba[4];
+  finish_pixel(state, s, rgba);
+  for (int j = 0; j < 4; ++j) image[(b * 4 + j) * plane + pix] = rgba[j];
+  face_index[b * plane + pix] = state.fbest;
+  depth[b * plane + pix] = state.fbest >= 0 ? state.zbest : T(INFINITY);
+  if (s.aggr_rgb == RGB_SOFTMAX) {
+    softmax_sum[b * plane + pix] = state.ssum;
+    softmax_max[b * plane + pix] = state.smax;
+  }
+}
+
+template <typename T>
+__global__ void backward_kernel(const T* __restrict__ grad_image, const T* __restrict__ tex,
+                                const T* __restrict__ image, const int64_t* __restrict__ face_index,
+                                const T* __restrict__ softmax_sum, const T* __restrict__ softmax_max,
+                                const T* __restrict__ info, const int64_t* __restrict__ offsets,
+                                const int32_t* __restrict__ bins, int64_t F, int64_t nt, Settings<T> s,
+                                T* __restrict__ grad_fv, T* __restrict__ grad_tex) {
+  const int S = s.image_size;
+  const int c = blockIdx.x * kTileSize + threadIdx.x, r = blockIdx.y * kTileSize + threadIdx.y;
+  const int64_t b = blockIdx.z;
+  if (r >= S || c >= S) return;
+  const int64_t item = (b * nt + blockIdx.y) * nt + blockIdx.x;
+  const int64_t plane = int64_t(S) * S, pix = int64_t(r) * S + c;
+  T g[4], rgba[4];
+  for (int j = 0; j < 4; ++j) {
+    g[j] = grad_image[(b * 4 + j) * plane + pix];
+    rgba[j] = image[(b * 4 + j) * plane + pix];
+  }
+  if (g[0] == T(0) && g[1] == T(0) && g[2] == T(0) && g[3] == T(0)) return;
+  const bool softmax = s.aggr_rgb == RGB_SOFTMAX;
+  const T ssum = softmax ? softmax_sum[b * plane + pix] : T(1);
+  const T smax = softmax ? softmax_max[b * plane + pix] : T(0);
+  const int fbest = int(face_index[b * plane + pix]);
+  const T px = pixel_x<T>(c, S), py = pixel_y<T>(r, S);
+  for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
+    const int f = bins[k];
+    const int64_t face = b * F + f;
+    const T* finfo = info + kFaceInfoSize * face;
+    Coverage<T> cov;
+    if (!eval_coverage(finfo, px, py, s, cov)) continue;
+    T grad_face[9] = {};
+    TextureGrad<T> tg;
+    const T* ftex = tex + int64_t(s.texels) * 3 * face;
+    backward_pair(finfo, ftex, f, cov, s, g, rgba, ssum, smax, fbest, grad_face, tg);
+    for (int j = 0; j < 9; ++j)
+      if (grad_face[j] != T(0)) atomicAdd(grad_fv + 9 * face + j, grad_face[j]);
+    T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
+    for (int i = 0; i < tg.count; ++i)
+      for (int j = 0; j < 3; ++j) atomicAdd(gtex + 3 * tg.index[i] + j, tg.weight[i] * g[j]);
+  }
+}
+
+constexpr int kThreads = 256;
+
+inline unsigned blocks_for(int64_t n) { return unsigned((n + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+std::vector<at::Tensor> forward_cuda(const at::Tensor& face_vertices, const at::Tensor& textures,
+                                     const RasterConfig& cfg) {
+  const c10::cuda::CUDAGuard device_guard(face_vertices.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = face_vertices.size(0), F = face_vertices.size(1), texels = textures.size(2);
+  const int64_t S = cfg.image_size, nt = num_tiles(S);
+  const auto opts = face_vertices.options();
+  auto info = at::empty({B, F, kFaceInfoSize}, opts);
+  auto ranges = at::empty({B, F, 4}, opts.dtype(at::kInt));
+  auto image = at::empty({B, 4, S, S}, opts);
+  auto face_index = at::empty({B, S, S}, opts.dtype(at::kLong));
+  auto depth = at::empty({B, S, S}, opts);
+  const bool softmax = cfg.aggr_rgb == RGB_SOFTMAX;
+  auto softmax_sum = softmax ? at::empty({B, S, S}, opts) : at::empty({0}, opts);
+  auto softmax_max = softmax ? at::empty({B, S, S}, opts) : at::empty({0}, opts);
+  auto p2f = cfg.return_p2f ? at::zeros({B, F, 3}, opts) : at::empty({0}, opts);
+  auto offsets = at::zeros({B * nt * nt + 1}, opts.dtype(at::kLong));
+  at::Tensor bins;
+  AT_DISPATCH_FLOATING_TYPES(face_vertices.scalar_type(), "umr_rasterize_forward_cuda", [&] {
+    const Settings<scalar_t> s = make_settings<scalar_t>(cfg, int(F), int(texels));
+    setup_faces_kernel<scalar_t><<<blocks_for(B * F), kThreads, 0, stream>>>(
+        face_vertices.data_ptr<scalar_t>(), B * F, s.margin, int(S), cfg.binning, info.data_ptr<scalar_t>(),
+        ranges.data_ptr<int>());
+    bin_kernel<false><<<blocks_for(B * nt * nt), kThreads, 0, stream>>>(ranges.data_ptr<int>(), B, F, nt,
+                                                                         offsets.data_ptr<int64_t>(), nullptr);
+    offsets = offsets.cumsum(0);
+    bins = at::empty({offsets[-1].item<int64_t>()}, opts.dtype(at::kInt));
+    bin_kernel<true><<<blocks_for(B * nt * nt), kThreads, 0, stream>>>(
+        ranges.data_ptr<int>(), B, F, nt, offsets.data_ptr<int64_t>(), bins.data_ptr<int32_t>());
+    const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(nt), static_cast<unsigned>(B));
+    const dim3 block(kTileSize, kTileSize);
+    forward_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        textures.data_ptr<scalar_t>(), info.data_ptr<scalar_t>(), offsets.data_ptr<int64_t>(),
+        bins.data_ptr<int32_t>(), F, nt, s, cfg.return_p2f, image.data_ptr<scalar_t>(),
+        face_index.data_ptr<int64_t>(), depth.data_ptr<scalar_t>(),
+        softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr, softmax ? softmax_max.data_ptr<scalar_t>() : nullptr,
+        cfg.return_p2f ? p2f.data_ptr<scalar_t>() : nullptr);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {image, face_index, depth, softmax_sum, softmax_max, p2f, info, ranges, offsets, bins};
+}
+
+std::vector<at::Tensor> backward_cuda(const at::Tensor& grad_image, const at::Tensor& textures,
+                                      const at::Tensor& image, const at::Tensor& face_index,
+                                      const at::Tensor& softmax_sum, const at::Tensor& softmax_max,
+                                      const at::Tensor& face_info, const at::Tensor& face_ranges,
+                                      const at::Tensor& bin_offsets, const at::Tensor& bin_faces,
+                                      const RasterConfig& cfg) {
+  const c10::cuda::CUDAGuard device_guard(face_info.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t B = face_info.size(0), F = face_info.size(1), texels = textures.size(2);
+  const int64_t S = cfg.image_size, nt = num_tiles(S);
+  auto grad_fv = at::zeros({B, F, 3, 3}, face_info.options());
+  auto grad_tex = at::zeros_like(textures);
+  const bool softmax = cfg.aggr_rgb == RGB_SOFTMAX;
+  (void)face_ranges;  // the per-pixel tests are exact; bins already limit the faces visited
+  AT_DISPATCH_FLOATING_TYPES(face_info.scalar_type(), "umr_rasterize_backward_cuda", [&] {
+    const Settings<scalar_t> s = make_settings<scalar_t>(cfg, int(F), int(texels));
+    const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(nt), static_cast<unsigned>(B));
+    const dim3 block(kTileSize, kTileSize);
+    backward_kernel<scalar_t><<<grid, block, 0, stream>>>(
+        grad_image.data_ptr<scalar_t>(), textures.data_ptr<scalar_t>(), image.data_ptr<scalar_t>(),
+        face_index.data_ptr<int64_t>(), softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
+        softmax ? softmax_max.data_ptr<scalar_t>() : nullptr, face_info.data_ptr<scalar_t>(),
+        bin_offsets.data_ptr<int64_t>(), bin_faces.data_ptr<int32_t>(), F, nt, s, grad_fv.data_ptr<scalar_t>(),
+        grad_tex.data_ptr<scalar_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_fv, grad_tex};
+}
+
+}  // namespace umr

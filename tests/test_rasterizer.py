@@ -1,0 +1,240 @@
+"""The C++ soft-rasterizer kernel against the dense PyTorch reference (spec soft_rasterizer.md)."""
+import itertools
+
+import pytest
+import torch
+
+from umr import _C
+from umr.renderer import RasterSettings, soft_rasterize
+from umr.rasterizer_reference import soft_rasterize_reference
+
+UMR = dict(sigma_val=1e-5, gamma_val=1e-4, dist_eps=1e-10)  # the values UMR renders with
+SOFT = dict(sigma_val=1e-3, gamma_val=1e-2, dist_eps=1e-10)  # well-conditioned, for gradients
+
+
+def random_faces(batch, num_faces, seed, dtype=torch.float64, special=True):
+    """Random screen-space triangles, incl. degenerate, back-facing and border-crossing ones."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(batch, num_faces, 1, 2, generator=g, dtype=dtype) * 2.4 - 1.2
+    sizes = torch.rand(batch, num_faces, 1, 1, generator=g, dtype=dtype) * 0.6 + 0.05
+    xy = centres + (torch.rand(batch, num_faces, 3, 2, generator=g, dtype=dtype) - 0.5) * sizes
+    z = torch.rand(batch, num_faces, 3, 1, generator=g, dtype=dtype) * 6 + 2
+    fv = torch.cat([xy, z], dim=-1)
+    if special:
+        fv[:, 0, :, :2] = torch.tensor([[-0.5, -0.5], [0.0, 0.0], [0.5, 0.5]], dtype=dtype)  # collinear
+        fv[:, 1, 1] = fv[:, 1, 0]  # zero-length edge
+        fv[:, 2, :, :2] = 0.1  # a point
+        fv[:, 3, :, :2] = torch.tensor([[-1.6, -1.3], [1.7, -0.2], [-0.3, 1.5]], dtype=dtype)  # crosses the border
+        fv[:, 4, :, 2] = 0.5  # nearer than the near plane: alpha only
+        fv[:, 5, :, :2] = fv[:, 5, :, :2].flip(1)  # reversed winding
+    return fv
+
+
+def random_textures(fv, kind, seed, res=4):
+    g = torch.Generator().manual_seed(seed)
+    texels = res * res if kind == "surface" else 3
+    return torch.rand(*fv.shape[:2], texels, 3, generator=g, dtype=fv.dtype)
+
+
+MODES = list(itertools.product(["euclidean", "barycentric", "hard"], ["softmax", "hard"], ["prod", "sum", "hard"]))
+
+
+def assert_outputs_close(out, ref, atol):
+    torch.testing.assert_close(out.image, ref.image, atol=atol, rtol=0)
+    assert torch.equal(out.face_index, ref.face_index)
+    torch.testing.assert_close(out.depth, ref.depth, atol=atol, rtol=0)
+    if ref.p2f is not None:
+        torch.testing.assert_close(out.p2f, ref.p2f, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("texture_type", ["surface", "vertex"])
+@pytest.mark.parametrize("dist,rgb,alpha", MODES)
+def test_forward_matches_reference(dtype, atol, texture_type, dist, rgb, alpha):
+    fv = random_faces(2, 40, seed=1, dtype=dtype)
+    tex = random_textures(fv, texture_type, seed=2)
+    for params in (SOFT, UMR):
+        settings = RasterSettings(
+            image_size=40, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type,
+            background_color=(0.2, 0.4, 0.6), return_p2f=True, **params,
+        )
+        assert_outputs_close(soft_rasterize(fv, tex, settings), soft_rasterize_reference(fv, tex, settings), atol)
+
+
+def test_forward_options_match_reference():
+    fv = random_faces(2, 30, seed=3)
+    tex = random_textures(fv, "surface", seed=4, res=6)
+    for settings in (
+        RasterSettings(image_size=33, double_side=False, **SOFT),  # odd size, front faces only
+        RasterSettings(image_size=24, near=3.0, far=6.0, **SOFT),  # near/far cut faces
+        RasterSettings(image_size=24, eps=1e-2, return_p2f=True, p2f_align_corners=False, **SOFT),
+        RasterSettings(image_size=1, return_p2f=True, **SOFT),
+        RasterSettings(image_size=24, dist_eps=1e-4),  # SoftRas defaults
+    ):
+        assert_outputs_close(soft_rasterize(fv, tex, settings), soft_rasterize_reference(fv, tex, settings), 1e-9)
+
+
+def test_empty_image_is_background():
+    fv = random_faces(2, 10, seed=5, special=False)
+    fv[..., 0] += 5.0  # everything off-screen
+    settings = RasterSettings(image_size=16, background_color=(0.1, 0.2, 0.3), return_p2f=True, **UMR)
+    out = soft_rasterize(fv, None, settings)
+    assert_outputs_close(out, soft_rasterize_reference(fv, None, settings), 1e-12)
+    assert torch.all(out.face_index == -1) and torch.all(torch.isinf(out.depth))
+    torch.testing.assert_close(out.image[:, :3], torch.tensor([0.1, 0.2, 0.3], dtype=fv.dtype)[None, :, None, None].expand(2, 3, 16, 16))
+    assert torch.all(out.image[:, 3] == 0) and torch.all(out.p2f == 0)
+
+
+def test_p2f_is_zero_in_hard_rgb_mode():
+    # spec §4.3: only the softmax branch accumulates p2f
+    fv = random_faces(1, 20, seed=6)
+    out = soft_rasterize(fv, None, RasterSettings(image_size=32, aggr_func_rgb="hard", return_p2f=True, **SOFT))
+    assert torch.all(out.p2f == 0)
+
+
+def kernel_and_reference_grads(fv, tex, settings, seed=7):
+    grad_out = torch.randn(fv.shape[0], 4, settings.image_size, settings.image_size, dtype=fv.dtype,
+                           generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for fn in (soft_rasterize, soft_rasterize_reference):
+        fv_, tex_ = fv.clone().requires_grad_(), tex.clone().requires_grad_()
+        (fn(fv_, tex_, settings).image * grad_out).sum().backward()
+        grads.append((fv_.grad if fv_.grad is not None else torch.zeros_like(fv_), tex_.grad))
+    return grads
+
+
+@pytest.mark.parametrize("texture_type", ["surface", "vertex"])
+@pytest.mark.parametrize("dist,rgb,alpha", MODES)
+def test_backward_matches_reference(texture_type, dist, rgb, alpha):
+    fv = random_faces(2, 40, seed=8)
+    tex = random_textures(fv, texture_type, seed=9)
+    for params in (SOFT, UMR):
+        settings = RasterSettings(
+            image_size=32, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type, **params
+        )
+        (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
+        scale = ref_fv.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(kernel_fv / scale, ref_fv / scale, atol=1e-9, rtol=0)
+        torch.testing.assert_close(kernel_tex, ref_tex, atol=1e-9, rtol=0)
+        if dist != "hard" and alpha != "hard":
+            assert ref_fv.abs().max() > 0  # the comparison is not vacuous
+
+
+def test_backward_float32_matches_reference():
+    fv = random_faces(2, 40, seed=10, dtype=torch.float32)
+    tex = random_textures(fv, "surface", seed=11)
+    settings = RasterSettings(image_size=32, **SOFT)
+    (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
+    scale = ref_fv.abs().max()
+    torch.testing.assert_close(kernel_fv / scale, ref_fv / scale, atol=1e-5, rtol=0)
+    torch.testing.assert_close(kernel_tex, ref_tex, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dist", ["euclidean", "barycentric"])
+@pytest.mark.parametrize("alpha", ["prod", "sum"])
+@pytest.mark.parametrize("texture_type", ["surface", "vertex"])
+def test_gradcheck(dist, alpha, texture_type):
+    # spec §5.5: float64, a small raster, few non-degenerate faces, unsaturated sigmoid and
+    # softmax, equal vertex depths per face and per-face-constant colours so the terms the
+    # analytic gradient leaves out (§5.3) vanish.
+    fv = torch.tensor(
+        [[[[-0.6, -0.5, 3.0], [0.4, -0.6, 3.0], [-0.1, 0.5, 3.0]],
+          [[0.0, -0.2, 4.0], [0.7, 0.3, 4.0], [-0.2, 0.6, 4.0]],
+          [[-0.9, 0.2, 2.5], [-0.3, 0.9, 2.5], [-0.8, 0.8, 2.5]]]],
+        dtype=torch.float64,
+    )
+    # off the pixel grid, so no pixel centre sits on a median or edge line (region switches)
+    fv[..., :2] += 0.03 * torch.rand(1, 3, 3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    colours = torch.rand(1, 3, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    tex = colours if texture_type == "surface" else colours.expand(1, 3, 3, 3).contiguous()
+    settings = RasterSettings(
+        image_size=10, sigma_val=2e-2, gamma_val=5e-2, dist_eps=1e-10, dist_func=dist, aggr_func_alpha=alpha,
+        texture_type=texture_type, background_color=(0.3, 0.2, 0.1),
+    )
+    fv.requires_grad_()
+    tex.requires_grad_()
+    assert torch.autograd.gradcheck(lambda v, t: soft_rasterize(v, t, settings).image, (fv, tex), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_surface_texels():
+    # texture gradients with R x R texels: one-hot on the texel the forward reads (§5.3.6)
+    fv = random_faces(1, 6, seed=13, special=False)
+    tex = random_textures(fv, "surface", seed=14, res=3).requires_grad_()
+    settings = RasterSettings(image_size=12, **SOFT)
+    assert torch.autograd.gradcheck(lambda t: soft_rasterize(fv, t, settings).image, (tex,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binned_equals_unbinned(dtype):
+    fv = random_faces(3, 300, seed=15, dtype=dtype)
+    tex = random_textures(fv, "surface", seed=16)
+    grad_out = torch.randn(3, 4, 80, 80, dtype=dtype, generator=torch.Generator().manual_seed(17))
+    results = []
+    for binning in (True, False):
+        settings = RasterSettings(image_size=80, binning=binning, return_p2f=True, **UMR)
+        fv_, tex_ = fv.clone().requires_grad_(), tex.clone().requires_grad_()
+        out = soft_rasterize(fv_, tex_, settings)
+        (out.image * grad_out).sum().backward()
+        results.append((out, fv_.grad, tex_.grad))
+    (binned, g_fv, g_tex), (dense, d_fv, d_tex) = results
+    assert_outputs_close(binned, dense, 1e-6)
+    scale = d_fv.abs().max()
+    torch.testing.assert_close(g_fv / scale, d_fv / scale, atol=1e-6, rtol=0)
+    torch.testing.assert_close(g_tex, d_tex, atol=1e-6, rtol=0)
+
+
+def test_float32_matches_float64():
+    fv = random_faces(2, 200, seed=18, special=False)
+    tex = random_textures(fv, "surface", seed=19, res=1)
+    settings = RasterSettings(image_size=64, sigma_val=1e-4, gamma_val=1e-2, dist_eps=1e-10, return_p2f=True)
+    out64 = soft_rasterize(fv, tex, settings)
+    out32 = soft_rasterize(fv.float(), tex.float(), settings)
+    torch.testing.assert_close(out32.image.double(), out64.image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out32.p2f.double(), out64.p2f, atol=1e-5, rtol=0)
+    assert (out32.face_index != out64.face_index).float().mean() < 1e-3  # only exact-edge pixels may differ
+
+
+def test_input_errors():
+    fv = random_faces(1, 4, seed=20, special=False)
+    tex = random_textures(fv, "surface", seed=21)
+    settings = RasterSettings(image_size=8)
+    with pytest.raises(RuntimeError, match=r"face_vertices must be \(B, F, 3, 3\)"):
+        soft_rasterize(fv[..., :2], tex, settings)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        soft_rasterize(fv.half(), tex.half(), settings)
+    with pytest.raises(RuntimeError, match="textures has dtype"):
+        soft_rasterize(fv, tex.float(), settings)
+    with pytest.raises(RuntimeError, match="R\\*R texels"):
+        soft_rasterize(fv, tex[:, :, :5], settings)
+    with pytest.raises(RuntimeError, match="vertex colours need 3"):
+        soft_rasterize(fv, tex, RasterSettings(image_size=8, texture_type="vertex"))
+    with pytest.raises(RuntimeError, match="textures must be"):
+        soft_rasterize(fv, tex[:, :3], settings)
+    with pytest.raises(RuntimeError, match="is on meta"):
+        soft_rasterize(fv, torch.empty_like(tex, device="meta"), settings)
+    with pytest.raises(RuntimeError, match="dist_eps"):
+        soft_rasterize(fv, tex, RasterSettings(image_size=8, dist_eps=0.7))
+    with pytest.raises(RuntimeError, match="far"):
+        soft_rasterize(fv, tex, RasterSettings(image_size=8, near=5.0, far=2.0))
+    with pytest.raises(ValueError, match="dist_func"):
+        RasterSettings(dist_func="manhattan")
+    # the raw kernel refuses non-contiguous input (soft_rasterize makes its inputs contiguous)
+    args = settings._kernel_args()
+    strided = torch.cat([fv, fv], dim=-1)[..., :3]
+    assert not strided.is_contiguous()
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.forward(strided, tex, *args, False, True, True)
+    torch.testing.assert_close(soft_rasterize(strided, tex, settings).image, soft_rasterize(fv, tex, settings).image)
+
+
+def test_face_index_and_depth_are_the_nearest_containing_face():
+    # two overlapping squares' triangles at different depths: the nearer one wins everywhere
+    far = torch.tensor([[[-0.5, -0.5, 6.0], [0.5, -0.5, 6.0], [0.0, 0.5, 6.0]]], dtype=torch.float64)
+    near = far.clone()
+    near[..., 2] = 3.0
+    fv = torch.stack([far, near], dim=1).reshape(1, 2, 3, 3)
+    out = soft_rasterize(fv, None, RasterSettings(image_size=16))
+    covered = out.face_index >= 0
+    assert covered.sum() > 20
+    assert torch.all(out.face_index[covered] == 1)
+    torch.testing.assert_close(out.depth[covered], torch.full_like(out.depth[covered], 3.0))
