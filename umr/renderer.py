@@ -351,28 +351,28 @@ class SoftRenderer(nn.Module):
             lit = textures * self._light(vertex_normals)
             face_textures = gather_face_vertices(lit, faces)
         else:
-            if textures is None:
-                textures = face_verts.new_ones(face_verts.shape[0], face_verts.shape[1], 1, 3)
-            elif textures.dim() == 5:
-                textures = textures.reshape(*textures.shape[:2], -1, textures.shape[-1])
-            normals = torch.cross(
-                face_verts[:, :, 1] - face_verts[:, :, 0], face_verts[:, :, 2] - face_verts[:, :, 0], dim=-1
-            )
-            normals = normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-            face_textures = textures * self._light(normals)[:, :, None, :]
+            textures = _prepare_textures(face_verts, textures, settings)
+            face_textures = textures * self._light(_unit(_face_cross(face_verts)))[:, :, None, :]
         face_verts = face_verts + face_verts.new_tensor([0.0, 0.0, self.eye_distance])
         out = soft_rasterize(face_verts, face_textures, settings)
         image = F.avg_pool2d(out.image, 2) if self.anti_aliasing else out.image
         return out._replace(image=image)
 
 
+def _face_cross(face_verts: torch.Tensor) -> torch.Tensor:
+    """(B, F, 3) cross products (p1 − p0) × (p2 − p0): twice the area times the face normal."""
+    return torch.cross(face_verts[:, :, 1] - face_verts[:, :, 0], face_verts[:, :, 2] - face_verts[:, :, 0], dim=-1)
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
 def _vertex_normals(verts: torch.Tensor, faces: torch.Tensor, face_verts: torch.Tensor) -> torch.Tensor:
     """Unit area-weighted vertex normals (B, V, 3): each face adds its cross product to its corners."""
     batch, num_verts = verts.shape[:2]
-    cross = torch.cross(face_verts[:, :, 1] - face_verts[:, :, 0], face_verts[:, :, 2] - face_verts[:, :, 0], dim=-1)
     faces = faces.expand(batch, *faces.shape[-2:])
     flat = (faces + num_verts * torch.arange(batch, device=faces.device)[:, None, None]).reshape(-1)
-    normals = torch.zeros(batch * num_verts, 3, dtype=verts.dtype, device=verts.device)
-    normals = normals.index_add(0, flat, cross[:, :, None, :].expand(-1, -1, 3, -1).reshape(-1, 3))
-    normals = normals.reshape(batch, num_verts, 3)
-    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    corners = _face_cross(face_verts)[:, :, None, :].expand(-1, -1, 3, -1).reshape(-1, 3)
+    normals = torch.zeros(batch * num_verts, 3, dtype=verts.dtype, device=verts.device).index_add(0, flat, corners)
+    return _unit(normals.reshape(batch, num_verts, 3))
