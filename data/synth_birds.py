@@ -1,0 +1,517 @@
+"""Synthetic birds with 3-D ground truth, written in the CUB + CMR-cache + SCOPS layout.
+
+    python -m data.synth_birds --out cachedir/synth_birds --num_train 1000 --num_val 100 \
+        --num_test 200 --seed 0 [--preview] [--workers 2]
+
+Each bird is a union of ellipsoids in a canonical frame (x forward, y left, z up; left/right
+symmetric about y = 0, UMR's axis 1): body, head, beak, tail, two folded wings, with per-instance
+proportions, a head turn and a tail pitch. It is coloured per part with procedural patterns,
+shaded, and rendered (hard z-buffer, 2x supersampled) by an orthographic camera of the kind CUB
+has (mostly side views, elevation −20..60°, small roll, some front and back views) into a larger
+photo with a varied background, off-centre. Written under ``--out``:
+
+* ``CUB_200_2011/images/<class>/<name>.jpg`` — the photos (``--cub_dir``);
+* ``cachedir/cub/data/<split>_cub_cleaned.mat`` and ``cachedir/cub/sfm/anno_<split>.mat`` —
+  the CMR cache (``--cub_cache_dir``): 1-based bbox and keypoints (visibility from the depth
+  test), full-image masks, sfm scale / translation / rotation of the true camera;
+* ``scops/<class>/<stem>.npz`` — SCOPS-like part probabilities (background, head, neck, back,
+  belly) as full-image uint8 maps: the true part map blurred, shifted and perturbed
+  (``--scops_path``); with ``--scops_format crop`` the original's per-crop
+  ``<stem>_<index>.npy`` files instead;
+* ``gt/<split>.npz`` — 3-D truth per image: ``verts`` (N, V, 3) in the canonical frame,
+  ``faces``, ``face_parts``, ``kp3d`` (N, 15, 3), ``cam_rot`` (N, 3, 3) canonical → camera, and
+  ``sfm_to_canonical`` (the fixed rotation between the sfm frame, symmetric about x as CMR's,
+  and the canonical frame).
+
+Keypoint projection: ``x_pix = scale · (rot · X_sfm)_xy + trans`` in 0-based photo pixels, with
+``X_sfm = sfm_to_canonicalᵀ · X_canonical``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import scipy.io
+import torch
+from PIL import Image
+
+from umr import mesh as M
+from umr.geometry import matrix_to_quat
+from umr.renderer import SoftRenderer
+
+KEYPOINT_NAMES = (
+    "Back", "Beak", "Belly", "Breast", "Crown", "Forehead", "LEye", "LLeg", "LWing", "Nape", "REye", "RLeg",
+    "RWing", "Tail", "Throat",
+)
+PART_LABELS = ("background", "head", "neck", "back", "belly")
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+NUM_SPECIES = 12
+# X_canonical = SFM_TO_CANONICAL @ X_sfm: the sfm frame's x axis (its symmetry axis, as in
+# CMR's annotations) is the canonical y axis (UMR's symmetry axis).
+SFM_TO_CANONICAL = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def rot_x(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+
+
+def rot_y(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def rot_z(a):
+    c, s = math.cos(a), math.sin(a)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+@dataclass
+class Ellipsoid:
+    centre: np.ndarray
+    radii: np.ndarray
+    rot: np.ndarray  # local -> canonical
+
+    def point(self, direction) -> np.ndarray:
+        u = np.asarray(direction, dtype=np.float64)
+        return self.centre + self.rot @ (self.radii * u / np.linalg.norm(u))
+
+    def inside(self, points: np.ndarray) -> np.ndarray:
+        local = (points - self.centre) @ self.rot / self.radii
+        return (local**2).sum(-1) < 1
+
+
+@lru_cache(maxsize=None)
+def _unit_sphere(level: int):
+    verts, faces = M.icosphere(level)
+    return verts, faces
+
+
+PRIMITIVE_LEVELS = {"body": 3, "head": 3, "beak": 2, "tail": 2, "wing_l": 2, "wing_r": 2}
+
+
+def bird_shape(rng: np.random.Generator) -> dict:
+    """Ellipsoids of one bird: proportions, head turn and tail pitch vary per instance."""
+    a, b, c = rng.uniform(0.85, 1.1), rng.uniform(0.42, 0.55), rng.uniform(0.45, 0.6)
+    q_body = rot_y(-math.radians(rng.uniform(5, 25)))  # nose up
+    body = Ellipsoid(np.zeros(3), np.array([a, b, c]), q_body)
+    neck = q_body @ np.array([0.8 * a, 0.0, 0.5 * c])
+    r_head = rng.uniform(0.26, 0.36)
+    turn = rot_z(math.radians(float(np.clip(rng.normal(0, 12), -30, 30))))  # the articulation
+    q_head = turn @ rot_y(-math.radians(rng.uniform(0, 15)))
+    head_centre = neck + turn @ (np.array([0.12, 0.0, 0.17]) * rng.uniform(0.8, 1.2))
+    head = Ellipsoid(head_centre, r_head * np.array([1.12, 1.0, 1.0]), q_head)
+    length, width = rng.uniform(0.18, 0.5), rng.uniform(0.045, 0.09)
+    q_beak = q_head @ rot_y(math.radians(rng.uniform(0, 25)))
+    beak = Ellipsoid(head_centre + q_beak @ np.array([r_head * 0.95 + length / 2, 0, 0]), np.array([length / 2, width, 0.9 * width]), q_beak)
+    tail_len = rng.uniform(0.35, 0.7)
+    q_tail = q_body @ rot_y(math.radians(rng.uniform(-25, 20)))  # tail pitch
+    attach = q_body @ np.array([-0.85 * a, 0.0, 0.1 * c])
+    tail = Ellipsoid(attach + q_tail @ np.array([-0.45 * tail_len, 0, 0]), np.array([tail_len / 2, rng.uniform(0.15, 0.3), rng.uniform(0.04, 0.06)]), q_tail)
+    wing_len, wing_h = 0.65 * a * rng.uniform(0.9, 1.15), 0.3 * c * rng.uniform(0.9, 1.2)
+    wings = {}
+    for name, side in (("wing_l", 1.0), ("wing_r", -1.0)):
+        q = q_body @ rot_x(side * math.radians(15)) @ rot_y(-math.radians(10))
+        wings[name] = Ellipsoid(q_body @ np.array([-0.15 * a, side * 0.85 * b, 0.2 * c]), np.array([wing_len, 0.09, wing_h]), q)
+    return {"body": body, "head": head, "beak": beak, "tail": tail, **wings}
+
+
+KEYPOINT_ANCHORS = (  # (primitive, local direction), CUB order
+    ("body", (-0.35, 0, 1)), ("beak", (1, 0, 0)), ("body", (-0.1, 0, -1)), ("body", (0.75, 0, -0.45)),
+    ("head", (0, 0, 1)), ("head", (0.7, 0, 0.7)), ("head", (0.55, 0.72, 0.35)), ("body", (0.05, 0.35, -1)),
+    ("wing_l", (0, 1, 0.3)), ("head", (-0.75, 0, 0.55)), ("head", (0.55, -0.72, 0.35)), ("body", (0.05, -0.35, -1)),
+    ("wing_r", (0, -1, 0.3)), ("tail", (-1, 0, 0)), ("head", (0.35, 0, -0.9)),
+)
+
+
+def species_palette(seed: int, species: int) -> dict:
+    rng = np.random.default_rng([seed, 999, species])
+
+    def colour(sat=(0.3, 0.9), val=(0.3, 0.95)):
+        hsv = np.array([[[rng.uniform(0, 180), rng.uniform(*sat) * 255, rng.uniform(*val) * 255]]], dtype=np.uint8)
+        return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0] / 255.0
+
+    return {
+        "head": colour(), "neck": colour(), "back": colour(), "belly": colour(val=(0.55, 1.0)),
+        "wing": colour(), "tail": colour(), "beak": colour(sat=(0.2, 0.9), val=(0.1, 0.9)),
+        "stripes": int(rng.integers(2, 7)), "eye_stripe": bool(rng.random() < 0.5),
+    }
+
+
+def build_bird(rng: np.random.Generator, palette: dict, light: np.ndarray):
+    """Mesh (verts, faces), shaded vertex colours, per-face part labels and 3-D keypoints."""
+    prims = bird_shape(rng)
+    verts, faces, colours, parts = [], [], [], []
+    offset = 0
+    jitter = rng.uniform(0.9, 1.1)
+    noise_freq = rng.uniform(4, 9, size=(3, 3))
+    noise_phase = rng.uniform(0, 2 * math.pi, size=3)
+    eyes = [prims["head"].point(KEYPOINT_ANCHORS[i][1]) for i in (6, 10)]
+    for name, level in PRIMITIVE_LEVELS.items():
+        e = prims[name]
+        unit, tri = _unit_sphere(level)
+        pts = e.centre + (unit * e.radii) @ e.rot.T
+        normals = (unit / e.radii) @ e.rot.T
+        normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+        if name == "body":
+            region = np.where(unit[:, 0] > 0.55, "neck", np.where(unit[:, 2] >= -0.05, "back", "belly"))
+            col = np.stack([palette[r] for r in region])
+            speckle = sum(np.sin(pts @ noise_freq[k] + noise_phase[k]) for k in range(3)) / 3
+            col = col * (0.85 + 0.15 * np.sign(speckle)[:, None])
+            label = np.select([region == "neck", region == "back"], [2, 3], 4)
+        elif name == "head":
+            col = np.tile(palette["head"], (len(pts), 1))
+            if palette["eye_stripe"]:
+                col[(np.abs(unit[:, 2] - 0.35) < 0.12) & (unit[:, 0] > 0)] *= 0.35
+            for eye in eyes:
+                col[np.linalg.norm(pts - eye, axis=1) < 0.07] = 0.05
+            label = np.ones(len(pts), dtype=int)
+        elif name == "beak":
+            col, label = np.tile(palette["beak"], (len(pts), 1)), np.ones(len(pts), dtype=int)
+        elif name == "tail":
+            col, label = np.tile(palette["tail"], (len(pts), 1)), np.full(len(pts), 3)
+        else:  # wings: stripes along the wing
+            col = np.tile(palette["wing"], (len(pts), 1))
+            col = col * (0.72 + 0.28 * (np.sin(palette["stripes"] * math.pi * unit[:, 0]) > 0))[:, None]
+            label = np.full(len(pts), 3)
+        shade = 0.45 + 0.55 * np.clip(normals @ light, 0, None)
+        verts.append(pts)
+        faces.append(tri + offset)
+        colours.append(np.clip(col * jitter * shade[:, None], 0, 1))
+        # a face takes the most common label of its vertices
+        face_labels = label[tri]
+        parts.append(np.where(face_labels[:, 1] == face_labels[:, 2], face_labels[:, 1], face_labels[:, 0]))
+        offset += len(pts)
+    kp3d = np.stack([prims[name].point(direction) for name, direction in KEYPOINT_ANCHORS])
+    return np.concatenate(verts), np.concatenate(faces), np.concatenate(colours), np.concatenate(parts), kp3d
+
+
+def sample_view(rng: np.random.Generator) -> np.ndarray:
+    """Rotation canonical → camera (x right, y down, z away from the viewer)."""
+    # side view: bird forward -> image right, bird up -> image up, bird y -> depth
+    base = np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]])
+    kind = rng.random()
+    if kind < 0.75:
+        azimuth = rng.uniform(-50, 50) + (180 if rng.random() < 0.5 else 0)
+    elif kind < 0.9:
+        azimuth = rng.uniform(-120, -60)  # from the front
+    else:
+        azimuth = rng.uniform(60, 120)  # from behind
+    elevation = rng.uniform(-20, 60)
+    roll = float(np.clip(rng.normal(0, 6), -15, 15))
+    return rot_z(math.radians(roll)) @ rot_x(-math.radians(elevation)) @ base @ rot_z(math.radians(azimuth))
+
+
+@lru_cache(maxsize=None)
+def _sample_photos():
+    import skimage.data as samples
+
+    names = ["astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "hubble_deep_field",
+             "immunohistochemistry", "moon", "rocket", "retina"]
+    photos = []
+    for name in names:
+        img = getattr(samples, name)()
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        photos.append(img[..., :3].astype(np.float32) / 255)
+    return photos
+
+
+def _smooth_noise(rng, height, width, cells, channels=1):
+    grid = rng.random((cells, max(2, int(cells * width / height)), channels)).astype(np.float32)
+    return cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC).reshape(height, width, channels)
+
+
+def make_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    kind = rng.random()
+    if kind < 0.35:  # a crop of a sample photo, tinted and blurred
+        photo = _sample_photos()[rng.integers(len(_sample_photos()))]
+        ph, pw = photo.shape[:2]
+        ch, cw = int(ph * rng.uniform(0.5, 1.0)), int(pw * rng.uniform(0.5, 1.0))
+        y0, x0 = rng.integers(0, ph - ch + 1), rng.integers(0, pw - cw + 1)
+        bg = cv2.resize(photo[y0 : y0 + ch, x0 : x0 + cw], (width, height), interpolation=cv2.INTER_LINEAR)
+        bg = bg * rng.uniform(0.6, 1.2, size=3).astype(np.float32)
+    elif kind < 0.65:  # a gradient (sky, water) with soft noise
+        c0, c1 = rng.random(3), rng.random(3)
+        angle = rng.uniform(0, 2 * math.pi)
+        ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+        t = (xs * math.cos(angle) + ys * math.sin(angle))
+        t = (t - t.min()) / max(t.max() - t.min(), 1e-6)
+        bg = (c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.float32)
+        bg += 0.15 * (_smooth_noise(rng, height, width, 6) - 0.5)
+    else:  # foliage-like value noise
+        noise = sum(_smooth_noise(rng, height, width, cells) / (i + 1) for i, cells in enumerate((4, 12, 36)))
+        noise = (noise - noise.min()) / max(noise.max() - noise.min(), 1e-6)
+        dark = np.array([0.1, 0.25, 0.05]) * rng.uniform(0.5, 1.5, 3)
+        light = np.array([0.5, 0.7, 0.3]) * rng.uniform(0.6, 1.4, 3)
+        bg = (dark * (1 - noise) + light * noise).astype(np.float32)
+    blur = rng.uniform(0, 3)
+    if blur > 0.3:
+        bg = cv2.GaussianBlur(bg, (0, 0), blur)
+    return np.clip(bg + rng.normal(0, 0.01, bg.shape), 0, 1).astype(np.float32)
+
+
+def perturb_parts(rng: np.random.Generator, parts: np.ndarray) -> np.ndarray:
+    """Make a true (L, L, 5) part map as imperfect as SCOPS: blurred, shifted, noisy."""
+    size = parts.shape[0]
+    out = np.empty_like(parts)
+    for ch in range(5):
+        shift = rng.normal(0, 1.5, 2) * size / 128 if ch > 0 else np.zeros(2)
+        moved = cv2.warpAffine(parts[..., ch], np.float32([[1, 0, shift[0]], [0, 1, shift[1]]]), (size, size),
+                               borderMode=cv2.BORDER_CONSTANT, borderValue=1.0 if ch == 0 else 0.0)
+        out[..., ch] = cv2.GaussianBlur(moved, (0, 0), rng.uniform(1.0, 2.5) * size / 128)
+    out *= np.exp(0.6 * (_smooth_noise(rng, size, size, 5, channels=5) - 0.5))
+    return out / np.maximum(out.sum(-1, keepdims=True), 1e-6)
+
+
+_RENDERER = None
+
+
+def _renderer(size: int) -> SoftRenderer:
+    return SoftRenderer(image_size=size, aggr_func_rgb="hard", dist_func="hard", aggr_func_alpha="hard",
+                        texture_type="vertex").ambient_light_only()
+
+
+def generate_one(task: tuple) -> dict:
+    """Render one photo and its annotations (runs in a worker process)."""
+    seed, split, index, photo_size, out_dir, scops_format, crop_size, mat_index = task
+    torch.set_num_threads(1)
+    rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
+    species = int(rng.integers(NUM_SPECIES))
+    palette = species_palette(seed, species)
+    rot = sample_view(rng)
+    light_cam = np.array([rng.uniform(-0.5, 0.5), -0.8, -0.6])  # from above, towards the viewer
+    verts, faces, colours, face_parts, kp3d = build_bird(rng, palette, rot.T @ (light_cam / np.linalg.norm(light_cam)))
+
+    width = photo_size
+    height = int(round(photo_size * rng.uniform(0.7, 1.0)))
+    projected = verts @ rot.T
+    lo, hi = projected[:, :2].min(0), projected[:, :2].max(0)
+    extent = float((hi - lo).max())
+    bird_px = rng.uniform(0.4, 0.8) * min(height, width)
+    window = int(min(math.ceil(bird_px * 1.1) + 2, min(height, width)))
+    scale_px = bird_px / extent
+    scale_n = 2 * scale_px / window
+    trans_n = -scale_n * (lo + hi) / 2
+    ox, oy = int(rng.integers(0, width - window + 1)), int(rng.integers(0, height - window + 1))
+    quat = matrix_to_quat(torch.from_numpy(rot)).float()
+    cam = torch.cat([torch.tensor([scale_n], dtype=torch.float32), torch.from_numpy(trans_n).float(), quat])[None]
+    with torch.no_grad():
+        out = _renderer(window)(torch.from_numpy(verts).float()[None], torch.from_numpy(faces), cam,
+                                torch.from_numpy(colours).float()[None])
+    rgba = out.image[0].permute(1, 2, 0).numpy()
+    face_index = out.face_index[0].numpy()
+    labels = np.where(face_index >= 0, face_parts[np.maximum(face_index, 0)], 0)
+    onehot = (labels[..., None] == np.arange(5)).astype(np.float32)
+    window_parts = onehot.reshape(window, 2, window, 2, 5).mean((1, 3))
+
+    photo = make_background(rng, height, width)
+    region = photo[oy : oy + window, ox : ox + window]
+    alpha = rgba[..., 3:4]
+    photo[oy : oy + window, ox : ox + window] = rgba[..., :3] * alpha + region * (1 - alpha)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[oy : oy + window, ox : ox + window] = alpha[..., 0] > 0.5
+
+    # keypoints: photo pixel (0-based) and visibility by the z-buffer
+    cam_pts = kp3d @ rot.T
+    x_n = scale_n * cam_pts[:, 0] + trans_n[0]
+    y_n = scale_n * cam_pts[:, 1] + trans_n[1]
+    depth = scale_n * cam_pts[:, 2] + 5 + 2.732
+    raster = 2 * window
+    cols = np.clip(np.round((x_n + 1) * raster / 2 - 0.5).astype(int), 0, raster - 1)
+    rows = np.clip(np.round((y_n + 1) * raster / 2 - 0.5).astype(int), 0, raster - 1)
+    zbuf = out.depth[0].numpy()
+    neighbourhood = np.stack([zbuf[np.clip(rows + dr, 0, raster - 1), np.clip(cols + dc, 0, raster - 1)]
+                              for dr in (-1, 0, 1) for dc in (-1, 0, 1)]).min(0)
+    visible = depth <= neighbourhood + 0.04 * scale_n
+    kp_x = ox + (x_n + 1) * window / 2 - 0.5
+    kp_y = oy + (y_n + 1) * window / 2 - 0.5
+    visible &= (kp_x >= 0) & (kp_x <= width - 1) & (kp_y >= 0) & (kp_y <= height - 1)
+    parts_row = np.where(visible, 1.0, 0.0)
+    kp_rows = np.stack([np.where(visible, kp_x + 1, 0), np.where(visible, kp_y + 1, 0), parts_row])
+
+    class_dir = f"{species + 1:03d}.Synthetic_species_{species + 1}"
+    stem = f"Synthetic_{split}_{index:05d}"
+    rel_path = f"{class_dir}/{stem}.jpg"
+    image_path = Path(out_dir) / "CUB_200_2011" / "images" / rel_path
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.round(photo * 255).astype(np.uint8)).save(image_path, quality=92)
+
+    scops = perturb_parts(rng, window_parts)
+    scops_dir = Path(out_dir) / "scops" / class_dir
+    scops_dir.mkdir(parents=True, exist_ok=True)
+    full = np.zeros((height, width, 5), dtype=np.float32)
+    full[..., 0] = 1
+    full[oy : oy + window, ox : ox + window] = scops
+    ys, xs = np.nonzero(mask)
+    bbox = (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (1, 1, width, height)
+    if scops_format == "full":
+        np.savez_compressed(scops_dir / f"{stem}.npz", prob=np.round(full * 255).astype(np.uint8))
+    else:  # the original's per-crop files, in the loader's un-jittered crop frame
+        from data.base import SamplePipeline
+
+        box = SamplePipeline(img_size=crop_size).crop_box(np.array(bbox, dtype=np.float64) - 1, np.random.default_rng(0))
+        from data.base import crop as crop_box
+
+        crop = cv2.resize(crop_box(full, box, np.eye(5, dtype=np.float32)[0]), (crop_size, crop_size), interpolation=cv2.INTER_LINEAR)
+        np.save(scops_dir / f"{stem}_{mat_index}.npy", crop.astype(np.float32))
+
+    sfm_rot = rot @ SFM_TO_CANONICAL
+    return {
+        "rel_path": rel_path,
+        "mask": mask,
+        "bbox": bbox,
+        "parts": kp_rows,
+        "class_id": species + 1,
+        "sfm_scale": scale_px,
+        "sfm_trans": np.array([ox - 0.5 + window / 2 * (1 + trans_n[0]), oy - 0.5 + window / 2 * (1 + trans_n[1])]),
+        "sfm_rot": sfm_rot,
+        "verts": verts.astype(np.float32),
+        "faces": faces,
+        "face_parts": face_parts,
+        "kp3d": kp3d,
+        "cam_rot": rot,
+    }
+
+
+def write_split(out_dir: Path, split: str, records: list) -> None:
+    cache = out_dir / "cachedir" / "cub"
+    (cache / "data").mkdir(parents=True, exist_ok=True)
+    (cache / "sfm").mkdir(parents=True, exist_ok=True)
+    (out_dir / "gt").mkdir(parents=True, exist_ok=True)
+    images = np.empty(len(records), dtype=[("rel_path", "O"), ("mask", "O"), ("bbox", "O"), ("parts", "O"), ("class_id", "O")])
+    sfm = np.empty(len(records), dtype=[("scale", "O"), ("trans", "O"), ("rot", "O")])
+    for i, r in enumerate(records):
+        x1, y1, x2, y2 = r["bbox"]
+        images[i] = (r["rel_path"], r["mask"], {"x1": x1, "y1": y1, "x2": x2, "y2": y2}, r["parts"], r["class_id"])
+        sfm[i] = (float(r["sfm_scale"]), r["sfm_trans"], r["sfm_rot"])
+    scipy.io.savemat(cache / "data" / f"{split}_cub_cleaned.mat", {"images": images}, do_compression=True)
+    anno = {"sfm_anno": sfm}
+    kp_sfm = np.stack([r["kp3d"] for r in records]) @ SFM_TO_CANONICAL if records else np.zeros((0, 15, 3))
+    if split == "train" and records:
+        anno["S"] = kp_sfm.mean(0).T  # 3 x 15 mean 3-D keypoints (in the sfm frame)
+    scipy.io.savemat(cache / "sfm" / f"anno_{split}.mat", anno, do_compression=True)
+    np.savez_compressed(
+        out_dir / "gt" / f"{split}.npz",
+        verts=np.stack([r["verts"] for r in records]) if records else np.zeros((0, 0, 3), np.float32),
+        faces=records[0]["faces"] if records else np.zeros((0, 3), np.int64),
+        face_parts=records[0]["face_parts"] if records else np.zeros(0, np.int64),
+        kp3d=np.stack([r["kp3d"] for r in records]) if records else np.zeros((0, 15, 3)),
+        kp3d_sfm=kp_sfm,
+        cam_rot=np.stack([r["cam_rot"] for r in records]) if records else np.zeros((0, 3, 3)),
+        sfm_to_canonical=SFM_TO_CANONICAL,
+        part_labels=np.array(PART_LABELS),
+        keypoint_names=np.array(KEYPOINT_NAMES),
+    )
+
+
+def generate(out_dir, num_train=1000, num_val=100, num_test=200, seed=0, photo_size=400, workers=None,
+             scops_format="full", crop_size=256, progress=True) -> dict:
+    """Generate the data set; returns {split: number of images}. See the module docstring."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    if scops_format not in ("full", "crop"):
+        raise ValueError(f"--scops_format must be 'full' or 'crop', got {scops_format!r}")
+    if photo_size < 64:
+        raise ValueError(f"--photo_size must be at least 64 pixels, got {photo_size}")
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    tasks = [(seed, split, i, photo_size, str(out_dir), scops_format, crop_size, i)
+             for split, n in counts.items() for i in range(n)]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks) or 1))
+    bar = tqdm(total=len(tasks), desc="synthetic birds", unit="img", disable=not progress)
+    results = []
+    if workers == 1:
+        for task in tasks:
+            results.append(generate_one(task))
+            bar.update()
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for record in pool.map(generate_one, tasks, chunksize=4):
+                results.append(record)
+                bar.update()
+    bar.close()
+    start = 0
+    for split, n in counts.items():
+        write_split(out_dir, split, results[start : start + n])
+        start += n
+    (out_dir / "README.txt").write_text(
+        "Synthetic birds (umr). Use with:\n"
+        f"  --cub_dir {out_dir / 'CUB_200_2011'} --cub_cache_dir {out_dir / 'cachedir' / 'cub'} --scops_path {out_dir / 'scops'}\n"
+        f"generated with: {json.dumps(dict(counts, seed=seed, photo_size=photo_size, scops_format=scops_format))}\n"
+    )
+    return counts
+
+
+def draw_preview(out_dir, path, count: int = 12, img_size: int = 160) -> None:
+    """A grid of training crops: the photo with mask outline and visible keypoints, and beside it
+    the SCOPS-like part map (head red, neck yellow, back blue, belly green)."""
+    from data.cub import CUBDataset
+
+    dataset = CUBDataset(Path(out_dir) / "CUB_200_2011", Path(out_dir) / "cachedir" / "cub", split="train",
+                         img_size=img_size, mirror=False, jitter_frac=0.0, scops_path=Path(out_dir) / "scops")
+    part_colours = np.array([[255, 255, 255], [230, 60, 60], [240, 200, 40], [60, 140, 240], [80, 200, 90]], np.float32) / 255
+    tiles = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        photo = np.round(item["img"].transpose(1, 2, 0) * 255).astype(np.uint8).copy()
+        contours, _ = cv2.findContours((item["mask"] > 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(photo, contours, -1, (255, 255, 255), 1)
+        for k, (x, y, v) in enumerate(item["kp"]):
+            if v > 0:
+                colour = tuple(int(c) for c in cv2.cvtColor(np.uint8([[[k * 12, 255, 255]]]), cv2.COLOR_HSV2RGB)[0, 0])
+                cv2.circle(photo, (int((x + 1) * img_size / 2), int((y + 1) * img_size / 2)), 3, colour, -1)
+        parts = item["part_prob"].transpose(1, 2, 0) @ part_colours
+        tiles.append(np.concatenate([photo, np.round(np.clip(parts, 0, 1) * 255).astype(np.uint8)], axis=1))
+    cols = 3
+    rows = math.ceil(len(tiles) / cols)
+    grid = np.full((rows * img_size, cols * 2 * img_size, 3), 255, dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[r * img_size : (r + 1) * img_size, c * 2 * img_size : (c + 1) * 2 * img_size] = tile
+    Image.fromarray(grid).save(path)
+
+
+def main(argv=None):
+    from absl import app, flags
+
+    flags.DEFINE_string("out", "cachedir/synth_birds", "Output directory (created).")
+    flags.DEFINE_integer("num_train", 1000, "Training images.")
+    flags.DEFINE_integer("num_val", 100, "Validation images.")
+    flags.DEFINE_integer("num_test", 200, "Test images.")
+    flags.DEFINE_integer("seed", 0, "Random seed; the same seed gives the same data set.")
+    flags.DEFINE_integer("photo_size", 400, "Width of the photos in pixels (height 70-100 % of it).")
+    flags.DEFINE_integer("workers", None, "Processes (default: all CPU cores).")
+    flags.DEFINE_enum("scops_format", "full", ["full", "crop"],
+                      "SCOPS maps as full-image uint8 .npz (default) or the original's per-crop .npy.")
+    flags.DEFINE_integer("crop_size", 256, "img_size of the per-crop SCOPS files (--scops_format crop).")
+    flags.DEFINE_boolean("preview", False, "Also write <out>/preview.png with samples, masks, keypoints and parts.")
+    FLAGS = flags.FLAGS
+
+    def run(_):
+        start = time.time()
+        counts = generate(FLAGS.out, FLAGS.num_train, FLAGS.num_val, FLAGS.num_test, FLAGS.seed, FLAGS.photo_size,
+                          FLAGS.workers, FLAGS.scops_format, FLAGS.crop_size)
+        elapsed = time.time() - start
+        print(f"wrote {sum(counts.values())} images ({counts}) to {FLAGS.out} in {elapsed:.1f} s")
+        if FLAGS.preview:
+            draw_preview(FLAGS.out, Path(FLAGS.out) / "preview.png")
+            print(f"preview: {Path(FLAGS.out) / 'preview.png'}")
+        print((Path(FLAGS.out) / "README.txt").read_text(), end="")
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

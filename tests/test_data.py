@@ -1,0 +1,244 @@
+"""CUB loaders on a tiny synthetic set generated here (nothing is committed)."""
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from data import synth_birds
+from data.base import KP_PERM, Sample, barrier_distance_transform, mirror_sample
+from data.cub import CUBDataset, DataError, KeypointPairs, make_loader
+from umr.geometry import quat_to_matrix
+
+COUNTS = dict(num_train=6, num_val=2, num_test=3)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    synth_birds.generate(out, seed=3, photo_size=160, workers=1, progress=False, **COUNTS)
+    return out
+
+
+def dataset(root, split="train", **kwargs):
+    kwargs.setdefault("scops_path", root / "scops")
+    return CUBDataset(root / "CUB_200_2011", root / "cachedir" / "cub", split=split, **kwargs)
+
+
+def test_item_shapes_ranges_and_dtypes(synth):
+    ds = dataset(synth, img_size=64)
+    assert len(ds) == 6 and len(dataset(synth, "test")) == 3
+    item = ds[0]
+    assert item["img"].shape == (3, 64, 64) and item["img"].dtype == np.float32
+    assert 0 <= item["img"].min() and item["img"].max() <= 1
+    assert item["mask"].shape == (64, 64) and 0 <= item["mask"].min() and item["mask"].max() <= 1
+    assert item["mask"].max() == 1 and item["mask"].min() == 0
+    assert item["mask_dt"].shape == (64, 64) and 0 < item["mask_dt"].min() and item["mask_dt"].max() <= 1
+    assert item["kp"].shape == (15, 3) and np.all(np.abs(item["kp"][:, :2]) <= 1)
+    assert set(np.unique(item["kp"][:, 2])) <= {0.0, 1.0}
+    assert np.all(item["kp"][item["kp"][:, 2] == 0] == 0)  # invisible rows are zero
+    assert item["sfm_pose"].shape == (7,) and abs(np.linalg.norm(item["sfm_pose"][3:]) - 1) < 1e-5
+    assert item["part_prob"].shape == (5, 64, 64)
+    np.testing.assert_allclose(item["part_prob"].sum(0), 1, atol=0.03)
+    for part, n in (("head", 10), ("neck", 10), ("back", 30), ("belly", 30)):
+        assert item[f"{part}_center"].shape == (2,)
+        assert item[f"{part}_points"].shape == (n, 2) and np.all(np.abs(item[f"{part}_points"]) <= 1)
+    batch = next(iter(make_loader(ds, batch_size=3, shuffle=False, drop_last=False, num_workers=0)))
+    assert batch["img"].shape == (3, 3, 64, 64) and batch["img"].dtype == torch.float32
+
+
+def test_mirroring_twice_is_identity():
+    rng = np.random.default_rng(0)
+    kp = np.concatenate([rng.uniform(0, 31, (15, 2)), rng.integers(0, 2, (15, 1))], axis=1)
+    sample = Sample(rng.random((32, 32, 3)), rng.random((32, 32)), kp, 1.3, rng.random(2) * 30,
+                    np.linalg.qr(rng.normal(size=(3, 3)))[0], rng.random((32, 32, 5)))
+    once = mirror_sample(sample)
+    assert once.mirrored and np.array_equal(once.image, sample.image[:, ::-1])
+    np.testing.assert_array_equal(once.kp[:, 0], 31 - sample.kp[KP_PERM, 0])
+    twice = mirror_sample(once)
+    assert not twice.mirrored
+    for field in ("image", "mask", "kp", "sfm_trans", "sfm_rot", "parts"):
+        np.testing.assert_allclose(getattr(twice, field), getattr(sample, field), atol=1e-12)
+
+
+@pytest.mark.parametrize("split,mirror", [("train", True), ("train", False), ("test", None), ("val", True)])
+def test_sfm_pose_projects_true_keypoints_onto_loaded_keypoints(synth, split, mirror):
+    # every augmentation (jitter on train, mirroring) keeps keypoints and the sfm pose consistent
+    size = 96
+    ds = dataset(synth, split, img_size=size, mirror=mirror)
+    gt = np.load(synth / "gt" / f"{split}.npz")
+    torch.manual_seed(0)
+    seen_mirrored = set()
+    for draw in range(4):
+        for index in range(len(ds)):
+            item = ds[index]
+            kp3d = gt["kp3d_sfm"][index]
+            if item["mirrored"]:
+                kp3d = (kp3d * [-1, 1, 1])[KP_PERM]  # the mirrored bird's keypoints
+            seen_mirrored.add(item["mirrored"])
+            scale, trans, quat = item["sfm_pose"][0], item["sfm_pose"][1:3], item["sfm_pose"][3:]
+            rot = quat_to_matrix(torch.from_numpy(quat).double()).numpy()
+            projected = scale * (kp3d @ rot.T)[:, :2] + trans
+            visible = item["kp"][:, 2] > 0
+            assert visible.sum() >= 3
+            err_px = np.abs(projected[visible] - item["kp"][visible, :2]).max() * size / 2
+            assert err_px < 1.0, (index, err_px)
+            # visible keypoints lie on the bird's mask
+            cols = np.clip(np.round((item["kp"][visible, 0] + 1) * size / 2).astype(int), 0, size - 1)
+            rows = np.clip(np.round((item["kp"][visible, 1] + 1) * size / 2).astype(int), 0, size - 1)
+            padded = np.pad(item["mask"], 1)
+            near = np.max([padded[rows + 1 + dr, cols + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)], axis=0)
+            assert np.all(near > 0), index
+    expected = {True, False} if mirror or (mirror is None and split == "train") else {False}
+    assert seen_mirrored == expected
+
+
+def test_full_image_part_maps_follow_the_jittered_crop(synth):
+    torch.manual_seed(1)
+    ds = dataset(synth, img_size=64, jitter_frac=0.2, mirror=True)
+    for index in range(len(ds)):
+        item = ds[index]
+        foreground = 1 - item["part_prob"][0]
+        inside = item["mask"] > 0.5
+        assert foreground[inside].mean() > 0.8 and foreground[~inside].mean() < 0.15
+
+
+def test_per_crop_part_maps_load_like_full_maps(tmp_path):
+    full = tmp_path / "full"
+    crop = tmp_path / "crop"
+    synth_birds.generate(full, seed=4, photo_size=128, workers=1, progress=False, num_train=3, num_val=0, num_test=0)
+    synth_birds.generate(crop, seed=4, photo_size=128, workers=1, progress=False, num_train=3, num_val=0, num_test=0,
+                         scops_format="crop", crop_size=64)
+    assert list((crop / "scops").glob("*/*_0.npy")) and not list((crop / "scops").glob("*/*.npz"))
+    for index in range(3):
+        a = dataset(full, img_size=64, jitter_frac=0.0, mirror=False)[index]["part_prob"]
+        b = dataset(crop, img_size=64, jitter_frac=0.0, mirror=False)[index]["part_prob"]
+        assert np.abs(a - b).mean() < 0.01  # same crop; only 8-bit storage differs
+
+
+def test_part_points_are_reproducible_and_inside_the_part(synth):
+    ds = dataset(synth, img_size=64, mirror=False)
+    torch.manual_seed(5)
+    a = ds[1]
+    torch.manual_seed(5)
+    b = ds[1]
+    for part in ("head", "belly"):
+        np.testing.assert_array_equal(a[f"{part}_points"], b[f"{part}_points"])
+        channel = {"head": 1, "belly": 4}[part]
+        prob = a["part_prob"][channel] * a["mask"]
+        pts = a[f"{part}_points"]
+        cols = np.clip(((pts[:, 0] + 1) * 32).astype(int), 0, 63)
+        rows = np.clip(((pts[:, 1] + 1) * 32).astype(int), 0, 63)
+        assert np.all(prob[rows, cols] > 0)
+        centre_err = np.abs(a[f"{part}_center"] - pts.mean(0)).max()
+        assert centre_err < 0.5
+
+
+def test_keypoint_pairs_are_deterministic(synth):
+    ds = dataset(synth, "test", img_size=32, scops_path=None)
+    a, b = KeypointPairs(ds, 7), KeypointPairs(ds, 7)
+    np.testing.assert_array_equal(a.first, b.first)
+    np.testing.assert_array_equal(a.second, b.second)
+    expected = np.random.RandomState(len(ds))
+    np.testing.assert_array_equal(a.first, expected.randint(len(ds), size=7))
+    c = KeypointPairs(ds, 7, seed=123)
+    assert not (np.array_equal(a.first, c.first) and np.array_equal(a.second, c.second))
+    item = a[0]
+    assert item["img"].shape == (2, 3, 32, 32) and item["kp"].shape == (2, 15, 3)
+
+
+def test_generator_is_deterministic_and_mat_round_trips(tmp_path, synth):
+    again = tmp_path / "again"
+    synth_birds.generate(again, seed=3, photo_size=160, workers=2, progress=False, **COUNTS)
+    for rel in ("cachedir/cub/data/train_cub_cleaned.mat", "cachedir/cub/sfm/anno_train.mat"):
+        first, second = scipy.io.loadmat(synth / rel), scipy.io.loadmat(again / rel)
+        key = "images" if "data/" in rel else "sfm_anno"
+        for field in first[key].dtype.names:
+            for x, y in zip(first[key][field].ravel(), second[key][field].ravel()):
+                assert np.array_equal(np.asarray(x, dtype=object).tolist(), np.asarray(y, dtype=object).tolist()) or np.array_equal(x, y)
+    for name in ("verts", "kp3d", "cam_rot"):
+        np.testing.assert_array_equal(np.load(synth / "gt" / "test.npz")[name], np.load(again / "gt" / "test.npz")[name])
+    other = tmp_path / "other"
+    synth_birds.generate(other, seed=4, photo_size=160, workers=1, progress=False, num_train=1, num_val=0, num_test=0)
+    assert not np.array_equal(np.load(synth / "gt" / "train.npz")["verts"][0], np.load(other / "gt" / "train.npz")["verts"][0])
+
+
+def test_mat_write_read_round_trip(tmp_path):
+    records = [{
+        "rel_path": "001.A/b.jpg", "mask": np.eye(4, dtype=np.uint8), "bbox": (1, 2, 3, 4),
+        "parts": np.arange(45, dtype=np.float64).reshape(3, 15), "class_id": 1, "sfm_scale": 2.5,
+        "sfm_trans": np.array([1.0, 2.0]), "sfm_rot": np.eye(3), "verts": np.zeros((2, 3), np.float32),
+        "faces": np.zeros((1, 3), np.int64), "face_parts": np.zeros(1, np.int64), "kp3d": np.ones((15, 3)),
+        "cam_rot": np.eye(3),
+    }]
+    synth_birds.write_split(tmp_path, "train", records)
+    images = scipy.io.loadmat(tmp_path / "cachedir/cub/data/train_cub_cleaned.mat", struct_as_record=False, squeeze_me=True)["images"]
+    assert images.rel_path == "001.A/b.jpg"
+    np.testing.assert_array_equal(images.mask, np.eye(4))
+    assert (images.bbox.x1, images.bbox.y1, images.bbox.x2, images.bbox.y2) == (1, 2, 3, 4)
+    np.testing.assert_array_equal(images.parts, records[0]["parts"])
+    sfm = scipy.io.loadmat(tmp_path / "cachedir/cub/sfm/anno_train.mat", struct_as_record=False, squeeze_me=True)
+    assert sfm["sfm_anno"].scale == 2.5 and sfm["S"].shape == (3, 15)
+
+
+def copy_set(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_inputs_raise_clear_errors(synth, tmp_path):
+    root = copy_set(synth, tmp_path / "broken")
+    cub, cache = root / "CUB_200_2011", root / "cachedir" / "cub"
+    with pytest.raises(DataError, match="--cub_dir"):
+        CUBDataset(tmp_path / "nowhere", cache)
+    with pytest.raises(DataError, match="--cub_cache_dir"):
+        CUBDataset(cub, tmp_path / "nowhere")
+    with pytest.raises(DataError, match="--split"):
+        CUBDataset(cub, cache, split="holdout")
+    (cache / "data" / "val_cub_cleaned.mat").unlink()
+    with pytest.raises(DataError, match=r"val_cub_cleaned\.mat.*--cub_cache_dir"):
+        CUBDataset(cub, cache, split="val")
+    with pytest.raises(DataError, match="--scops_path"):
+        CUBDataset(cub, cache, scops_path=tmp_path / "nowhere")
+    # a .mat without the expected fields
+    scipy.io.savemat(cache / "data" / "test_cub_cleaned.mat", {"images": np.array([{"rel_path": "x.jpg"}])})
+    with pytest.raises(DataError, match=r"no field\(s\) \['mask', 'bbox', 'parts'\]"):
+        CUBDataset(cub, cache, split="test")
+    ds = CUBDataset(cub, cache, split="train", scops_path=root / "scops")
+    # a missing image, an unreadable image
+    ds.image_path(0).unlink()
+    with pytest.raises(DataError, match=f"image not found: {ds.image_path(0)}.*--cub_dir"):
+        ds[0]
+    ds.image_path(1).write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=f"could not read image {ds.image_path(1)}"):
+        ds[1]
+    # a SCOPS map of the wrong shape, and a missing one
+    scops_file = ds._part_file(2)[0]
+    np.savez(scops_file, prob=np.zeros((10, 10, 5), np.uint8))
+    with pytest.raises(DataError, match=r"has shape \(10, 10, 5\)"):
+        ds[2]
+    scops_file.unlink()
+    with pytest.raises(DataError, match="no SCOPS part map.*--scops_path"):
+        ds[2]
+
+
+def test_worker_errors_surface_instead_of_hanging(synth, tmp_path):
+    root = copy_set(synth, tmp_path / "broken")
+    ds = dataset(root, img_size=32)
+    ds.image_path(4).unlink()
+    loader = make_loader(ds, batch_size=2, shuffle=False, drop_last=False, num_workers=2)
+    with pytest.raises(DataError, match="image not found"):
+        for _ in loader:
+            pass
+
+
+def test_barrier_distance_transform():
+    mask = np.zeros((15, 15))
+    mask[:, :7] = 1
+    mask[:, 7] = 0.5  # fractional boundary: d_out = d_in = 1
+    dt = barrier_distance_transform(mask)
+    assert np.all((dt > 0) & (dt < 1))
+    np.testing.assert_allclose(dt[:, 7], 0.5)
+    assert np.all(np.diff(dt[7]) > 0)  # monotone from deep inside to far outside
