@@ -75,6 +75,20 @@ def rot_z(a):
     return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
 
 
+def canonical_camera(sfm_pose) -> torch.Tensor:
+    """UMR camera(s) (..., 7) of the canonical frame from loader sfm poses (..., 7).
+
+    The loader's normalised sfm pose projects the sfm-frame keypoints; the same scale and
+    translation with rotation ``R_sfm · SFM_TO_CANONICALᵀ`` project the canonical mesh.
+    """
+    from umr.geometry import quat_to_matrix
+
+    sfm_pose = torch.as_tensor(sfm_pose)
+    rot = quat_to_matrix(sfm_pose[..., 3:].double()) @ torch.from_numpy(SFM_TO_CANONICAL.T)
+    quat = matrix_to_quat(rot).to(sfm_pose.dtype)
+    return torch.cat([sfm_pose[..., :3], quat], dim=-1)
+
+
 @dataclass
 class Ellipsoid:
     centre: np.ndarray

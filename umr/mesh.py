@@ -10,7 +10,7 @@ follow their input's device and dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -241,8 +241,10 @@ def make_symmetric(verts: np.ndarray, faces: np.ndarray, axis: int = 1) -> Symme
     )
 
 
+@lru_cache(maxsize=None)
 def symmetric_template(subdivisions: int = 3, axis: int = 1) -> SymmetricMesh:
-    """The UMR template: an icosphere made symmetric about ``axis`` (UMR: level 3, axis 1)."""
+    """The UMR template: an icosphere made symmetric about ``axis`` (UMR: level 3, axis 1).
+    Cached: treat the returned arrays as read-only."""
     return make_symmetric(*icosphere(subdivisions), axis=axis)
 
 

@@ -1,0 +1,200 @@
+"""UMR's networks: shapes, symmetry, camera hypotheses, original checkpoints, GRL, discriminator."""
+import re
+
+import pytest
+import torch
+
+from umr import nets as N
+from umr.geometry import quat_geodesic_angle
+
+IMG = 64
+
+
+@pytest.fixture(scope="module")
+def stage2():
+    torch.manual_seed(0)
+    return N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False)
+
+
+@pytest.fixture(scope="module")
+def stage1():
+    torch.manual_seed(0)
+    return N.MeshNet(stage=1, img_size=IMG, pretrained_encoder=False)
+
+
+def check_outputs(model, out, batch):
+    mesh = model.mesh
+    assert out["verts"].shape == (batch, 642, 3) and out["delta_v"].shape == (batch, 337, 3)
+    assert out["tex_flow"].shape == (batch, 1280, 6, 6, 2)
+    assert out["uvimage_pred"].shape == (batch, 2, 128, 256)
+    assert out["tex_flow"].abs().max() <= 1 and out["uvimage_pred"].abs().max() <= 1
+    assert out["cam"].shape == (batch, 7)
+    torch.testing.assert_close(out["cam"][:, 3:].norm(dim=-1), torch.ones(batch), atol=1e-6, rtol=0)
+    assert torch.all(out["cam"][:, 0] > 0)
+    # exactly mirror symmetric about y = 0, centre vertices on the plane
+    verts = out["verts"]
+    mirror = torch.from_numpy(mesh.vertex_mirror_index)
+    assert torch.equal(verts[:, mirror], verts * torch.tensor([1.0, -1.0, 1.0]))
+    # left faces sample the image where their right twins do
+    assert torch.equal(out["tex_flow"][:, 656:], out["tex_flow"][:, 32:656])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("train", [True, False])
+def test_stage2_outputs(stage2, batch, train):
+    stage2.train(train)
+    out = stage2(torch.rand(batch, 3, IMG, IMG))
+    check_outputs(stage2, out, batch)
+    assert out["cam_hypotheses"].shape == (batch, 8, 7) and out["cam_probs"].shape == (batch, 8)
+    torch.testing.assert_close(out["cam_probs"].sum(1), torch.ones(batch))
+    torch.testing.assert_close(out["cam_hypotheses"][..., 3:].norm(dim=-1), torch.ones(batch, 8), atol=1e-6, rtol=0)
+    chosen = torch.gather(out["cam_hypotheses"], 1, out["cam_sample_inds"][..., None].expand(-1, 1, 7))[:, 0]
+    assert torch.equal(chosen, out["cam"])
+    if not train:  # most probable hypothesis, mean latent: deterministic
+        assert torch.equal(out["cam_sample_inds"][:, 0], out["cam_probs"].argmax(1))
+        again = stage2(torch.rand(batch, 3, IMG, IMG) * 0 + 0.5)
+        assert torch.equal(again["verts"], stage2(torch.full((batch, 3, IMG, IMG), 0.5))["verts"])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_stage1_outputs(stage1, batch):
+    stage1.train()
+    out = stage1(torch.rand(batch, 3, IMG, IMG))
+    check_outputs(stage1, out, batch)
+    assert out["noise"].shape == (batch, 350)
+
+
+def test_camera_hypotheses_at_init(stage2):
+    stage2.eval()
+    out = stage2(torch.rand(4, 3, IMG, IMG))
+    torch.testing.assert_close(out["cam_probs"], torch.full((4, 8), 1 / 8), atol=0.02, rtol=0)
+    torch.testing.assert_close(out["cam_hypotheses"][..., 0], torch.ones(4, 8), atol=0.05, rtol=0)
+    # default: the hypotheses start at the 8 spread rotations of cam_biases (Q7's intent)
+    biases = N.camera_biases(8)
+    angle = quat_geodesic_angle(out["cam_hypotheses"][..., 3:], biases[None].expand(4, -1, -1))
+    assert angle.max() < 0.1
+    torch.testing.assert_close(biases[0], torch.tensor([0.7071068, 0.7071068, 0, 0]))
+    torch.testing.assert_close(biases[1], torch.tensor([0.6532815, 0.6532815, 0.2705981, -0.2705981]))
+    # compat: the biases are unused, so all start near the identity
+    compat = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, compat=True).eval()
+    quats = compat(torch.rand(4, 3, IMG, IMG))["cam_hypotheses"][..., 3:]
+    assert quat_geodesic_angle(quats, torch.tensor([1.0, 0, 0, 0]).expand(4, 8, 4)).max() < 0.1
+
+
+def test_compat_samples_at_test_time():
+    torch.manual_seed(1)
+    model = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, compat=True).eval()
+    img = torch.rand(2, 3, IMG, IMG)
+    a, b = model(img), model(img)
+    assert not torch.equal(a["noise"], b["noise"])  # Q6: z sampled in eval mode
+
+
+def test_stage1_shape_mlp_is_affine_only_in_compat():
+    z1, z2 = torch.randn(1, 350), torch.randn(1, 350)
+    compat = N.ShapeMLP(350, 337, compat=True)
+    torch.testing.assert_close(compat(0.3 * z1 + 0.7 * z2), 0.3 * compat(z1) + 0.7 * compat(z2), atol=1e-5, rtol=1e-4)
+    default = N.ShapeMLP(350, 337)
+    assert not torch.allclose(default(0.3 * z1 + 0.7 * z2), 0.3 * default(z1) + 0.7 * default(z2), atol=1e-6)
+
+
+def test_batchnorm1d_init():
+    default = N.fc_stack(10, 10, 2)
+    compat = N.fc_stack(10, 10, 2, compat=True)
+    assert torch.all(default[0][1].weight == 1)
+    w = compat[0][1].weight
+    assert torch.all((w >= 0) & (w <= 1)) and w.std() > 0.1  # U(0, 1), PyTorch 1.1's init
+
+
+def test_buffers_do_not_depend_on_batch_size(stage2):
+    shapes = {name: tuple(b.shape) for name, b in stage2.named_buffers()}
+    assert shapes["texture_predictor.uv_sampler"] == (656, 36, 2)  # the original's was (B, 656, 36, 2)
+    for train in (True, False):
+        stage2.train(train)
+        for batch in (1, 5):
+            stage2(torch.rand(batch, 3, IMG, IMG))
+            assert {name: tuple(b.shape) for name, b in stage2.named_buffers()} == shapes
+
+
+# The original's state-dict layout, as the spec lists it (§5.7).
+ORIGINAL_LAYOUT = [
+    r"mean_v", r"uv_sampler", r"cam_predictor\.cam_biases",
+    r"encoder\.resnet_conv\.resnet\..+",
+    r"encoder\.enc_conv1\.[01]\..+", r"encoder\.enc_fc\.[01]\.[01]\..+",
+    r"encoder\.(mean|logvar)_fc\.[02]\..+",
+    r"shape_predictor\.pred_layer\..+",
+    r"cam_predictor\.fc\.[01]\.0\..+",
+    r"cam_predictor\.(scale|trans|quat)_predictor\.pred_layer\..+", r"cam_predictor\.prob_predictor\..+",
+    r"cam_predictor\.camera_predictor\.[0-7]\.(fc_layer\.[01]\.[01]|quat_predictor\.pred_layer|prob_predictor|scale_predictor\.pred_layer|trans_predictor\.pred_layer)\..+",
+    r"texture_predictor\.enc\.[01]\.[01]\..+",
+    r"texture_predictor\.decoder\.(([02468])\.2|([13579])\.[01]|10)\..+",
+]
+
+
+def original_state_dict(model):
+    """Our stage-2 weights re-saved the way the original code saved them."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if k != "texture_predictor.uv_sampler"}
+    state["uv_sampler"] = torch.zeros(16, 656, 36, 2)  # batch-sized in the original
+    for name, shape in (("scale", 1), ("trans", 2), ("quat", 4)):
+        state[f"cam_predictor.{name}_predictor.pred_layer.weight"] = torch.randn(shape, 200)
+        state[f"cam_predictor.{name}_predictor.pred_layer.bias"] = torch.randn(shape)
+    state["cam_predictor.prob_predictor.weight"] = torch.randn(8, 200)
+    state["cam_predictor.prob_predictor.bias"] = torch.randn(8)
+    return state
+
+
+def test_original_checkpoint_loads(tmp_path, stage2):
+    state = original_state_dict(stage2)
+    for key in state:
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert any(re.fullmatch(p, key) for p in ORIGINAL_LAYOUT), f"{key} is not in the original layout"
+    families = {p for p in ORIGINAL_LAYOUT for k in state if re.fullmatch(p, k)}
+    assert families == set(ORIGINAL_LAYOUT)  # and every family of the original is present
+    torch.save(state, tmp_path / "pred_net_latest.pth")
+    fresh = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False)
+    N.load_original_checkpoint(fresh, tmp_path / "pred_net_latest.pth")
+    stage2.eval()
+    fresh.eval()
+    img = torch.rand(2, 3, IMG, IMG)
+    a, b = stage2(img), fresh(img)
+    for key in ("verts", "cam", "tex_flow", "cam_probs"):
+        torch.testing.assert_close(a[key], b[key])
+    # a checkpoint that does not fit says which keys are wrong
+    del state["shape_predictor.pred_layer.bias"]
+    with pytest.raises(RuntimeError, match="missing.*shape_predictor.pred_layer.bias"):
+        N.load_original_checkpoint(fresh, state)
+    with pytest.raises(FileNotFoundError, match="--model_path"):
+        N.load_original_checkpoint(fresh, tmp_path / "missing.pth")
+
+
+def test_pretrained_encoder_without_weights_names_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(N.PretrainedWeightsMissing, match="--nopretrained_encoder"):
+        N.load_resnet18(pretrained=True)
+
+
+def test_pretrained_encoder_loads_local_weights(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    reference = torchvision.models.resnet18(weights=None)
+    path = N._torchvision_checkpoint(torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    loaded = N.load_resnet18(pretrained=True)
+    assert torch.equal(loaded.conv1.weight, reference.conv1.weight)
+
+
+def test_gradient_reversal_flips_and_scales():
+    x = torch.randn(5, requires_grad=True)
+    upstream = torch.randn(5)
+    y = N.GradientReversal(0.2)(x)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, -0.2 * upstream)
+
+
+@pytest.mark.parametrize("size,channels", [(64, 1), (256, 3)])
+def test_discriminator_shapes(size, channels):
+    disc = N.Discriminator(0.2, channels, size)
+    assert disc(torch.rand(3, channels, size, size)).shape == (3, 1)
