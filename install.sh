@@ -62,14 +62,16 @@ PY
 then
   echo "install.sh: pinned requirements present"
 else
-  "$py" -m pip install -r requirements.txt
+  # build tools first: visdom builds from source without isolation (see requirements.txt)
+  "$py" -m pip install $(grep -E '^(setuptools|ninja)==' requirements.txt)
+  "$py" -m pip install --no-build-isolation -r requirements.txt
 fi
 
 # 3. this repo, editable, with the rasterizer extension. Rebuilt only when its sources changed.
 stamp=build/.umr_ext_stamp
 sources_hash=$(cat setup.py $(find external -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' \) | sort) 2>/dev/null \
   | sha1sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sources_hash:$py" ] && "$py" -c "import umr" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sources_hash:$py" ] && "$py" -c "import sys, umr; sys.exit(0 if umr.available_kernels() else 1)" 2>/dev/null; then
   echo "install.sh: umr (editable) and its extension are up to date"
 else
   "$py" -m pip install --no-build-isolation --no-deps -e .

@@ -84,6 +84,9 @@ class CUBDataset(Dataset):
         mirror: random horizontal mirroring. The original mirrored in every loader, test ones
             included (quirk Q13); ``None`` (default) mirrors only the train split.
         scops_path: directory of SCOPS part maps; None to load none.
+        seed: augmentation (jitter, mirroring, part-point sampling) is a function of
+            ``(seed, epoch, index)`` only — the same in any DataLoader worker and after a resume;
+            :meth:`set_epoch` varies it between epochs.
 
     Each item is a dict of numpy arrays: ``img`` (3, S, S) float32 in [0, 1], ``mask`` (S, S)
     float32 in [0, 1], ``mask_dt`` (S, S) barrier distance transform, ``kp`` (15, 3) normalised
@@ -102,6 +105,7 @@ class CUBDataset(Dataset):
         jitter_frac: float = 0.05,
         mirror: Optional[bool] = None,
         scops_path=None,
+        seed: int = 0,
     ):
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}' (--split must be one of {SPLITS})")
@@ -122,6 +126,7 @@ class CUBDataset(Dataset):
         self.scops_path = None if scops_path is None else Path(scops_path)
         if self.scops_path is not None and not self.scops_path.is_dir():
             raise DataError(f"SCOPS directory not found: {self.scops_path} (set --scops_path, or train without SCOPS)")
+        self.seed, self.epoch = int(seed), 0
         self.pipeline = SamplePipeline(
             img_size=img_size,
             padding_frac=padding_frac,
@@ -131,6 +136,10 @@ class CUBDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.anno)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the augmentations of this epoch (call before creating the DataLoader iterator)."""
+        self.epoch = int(epoch)
 
     def image_path(self, index: int) -> Path:
         return self.cub_dir / "images" / str(self.anno[index].rel_path)
@@ -165,9 +174,7 @@ class CUBDataset(Dataset):
         return prob.astype(np.float32), per_crop
 
     def __getitem__(self, index: int) -> dict:
-        # One generator per item, seeded from torch's RNG: reproducible under torch.manual_seed,
-        # different in every epoch and DataLoader worker.
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        rng = np.random.default_rng([self.seed, self.epoch, index])
         entry, sfm = self.anno[index], self.sfm[index]
         image = read_image(self.image_path(index))
         mask = np.asarray(entry.mask, dtype=np.float32)

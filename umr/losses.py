@@ -311,7 +311,7 @@ def vertex_correspondence_loss(
     weights = weights or {"head": 1.0, "belly": 1.0, "neck": 0.0, "back": 0.0}
     B, K = probs.shape
     cams = hypotheses.reshape(B * K, 7)
-    total, count = 0, 0
+    total, count = hypotheses.new_zeros(B * K), 0
     for part, index in part_vertices.items():
         count += len(index)
         if weights.get(part, 0.0) == 0 or len(index) == 0:

@@ -276,7 +276,10 @@ class MultiCamPredictor(nn.Module):
             head.quat_predictor.pred_layer.bias.data.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
         self.register_buffer("cam_biases", camera_biases(num_hypotheses))
 
-    def forward(self, feat, sample: bool):
+    def forward(self, feat, sample: bool, uniform: Optional[torch.Tensor] = None):
+        """``uniform`` (B,): U[0, 1) numbers that pick the sampled hypothesis by inverse CDF
+        (the training loop passes per-sample numbers, so runs do not depend on the process
+        count); None draws them here."""
         h = self.fc(feat)
         cams, logits = zip(*(head(h) for head in self.camera_predictor))
         hypotheses = torch.stack(cams, dim=1)  # (B, K, 7)
@@ -285,7 +288,10 @@ class MultiCamPredictor(nn.Module):
             hypotheses = torch.cat([hypotheses[..., :3], quats], dim=-1)
         probs = torch.softmax(torch.cat(logits, dim=1), dim=1)  # (B, K)
         if sample:
-            index = torch.multinomial(probs.detach(), 1)
+            if uniform is None:
+                uniform = torch.rand(probs.shape[0], device=probs.device)
+            below = (probs.detach().cumsum(1) <= uniform.to(probs.dtype)[:, None]).sum(1, keepdim=True)
+            index = below.clamp_max(probs.shape[1] - 1)
         else:
             index = probs.detach().argmax(dim=1, keepdim=True)
         cam = torch.gather(hypotheses, 1, index[..., None].expand(-1, 1, 7))[:, 0]
@@ -405,11 +411,14 @@ class MeshNet(nn.Module):
         """Half-mesh offsets (B, V_half, 3) for latent codes (B, z_dim)."""
         return self.shape_predictor(z) * self.offset_mask.to(z.dtype)
 
-    def forward(self, img: torch.Tensor) -> dict:
+    def forward(self, img: torch.Tensor, eps: Optional[torch.Tensor] = None, u_cam: Optional[torch.Tensor] = None) -> dict:
+        """``eps`` (B, z_dim) standard normal and ``u_cam`` (B,) uniform numbers for the latent
+        sample and the camera hypothesis sample; None draws them here."""
         feat, mean, logvar = self.encoder((img - self.image_mean) / self.image_std)
         if self.training or self.compat:
             # Q6: the original also samples at test time; the paper's intent is the mean there
-            z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
+            eps = torch.randn_like(mean) if eps is None else eps.to(mean)
+            z = mean + eps * torch.exp(0.5 * logvar)
         else:
             z = mean
         delta = self.predict_offsets(z)
@@ -420,7 +429,7 @@ class MeshNet(nn.Module):
             out["cam"] = self.cam_predictor(feat)
         else:
             sample = self.training or self.compat  # Q12: most probable hypothesis at test time
-            cam, hyp, probs, index = self.cam_predictor(feat, sample)
+            cam, hyp, probs, index = self.cam_predictor(feat, sample, u_cam)
             out.update(cam=cam, cam_hypotheses=hyp, cam_probs=probs, cam_sample_inds=index, base_quats=hyp[:, 0, 3:])
         return out
 

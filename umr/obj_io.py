@@ -46,7 +46,7 @@ def _corner_texels(num_faces: int, tex_size: int) -> np.ndarray:
     return origin[:, None, :] + offsets[None]
 
 
-def save_obj(path, verts, faces, face_textures=None) -> None:
+def save_obj(path, verts, faces, face_textures=None, vertex_colors=None) -> None:
     """Write a mesh as OBJ; with textures also ``<stem>.mtl`` and ``<stem>.png`` beside it.
 
     Args:
@@ -54,6 +54,8 @@ def save_obj(path, verts, faces, face_textures=None) -> None:
         verts: (V, 3) float array or tensor.
         faces: (F, 3) int array or tensor, 0-based.
         face_textures: optional (F, T, T, 3) colours in [0, 1] (UMR sampler order).
+        vertex_colors: optional (V, 3) colours in [0, 1], written as ``v x y z r g b``
+            (MeshLab, Blender and trimesh read them).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,13 @@ def save_obj(path, verts, faces, face_textures=None) -> None:
         if tex_size < 2:
             raise ValueError("save_obj: face_textures need T >= 2 samples per side")
         lines += [f"{_TEX_SIZE_TAG} {tex_size}", f"mtllib {path.stem}.mtl"]
-    lines += [f"v {x:.9g} {y:.9g} {z:.9g}" for x, y, z in verts]
+    if vertex_colors is not None:
+        colors = np.clip(_as_numpy(vertex_colors).astype(np.float64), 0, 1)
+        if colors.shape != verts.shape:
+            raise ValueError(f"save_obj: vertex_colors must be (V={len(verts)}, 3), got {colors.shape}")
+        lines += [f"v {x:.9g} {y:.9g} {z:.9g} {r:.4g} {g:.4g} {b:.4g}" for (x, y, z), (r, g, b) in zip(verts, colors)]
+    else:
+        lines += [f"v {x:.9g} {y:.9g} {z:.9g}" for x, y, z in verts]
     if face_textures is None:
         lines += [f"f {a + 1} {b + 1} {c + 1}" for a, b, c in faces]
     else:
@@ -114,14 +122,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def load_obj(path) -> dict:
     """Read a triangle OBJ.
 
-    Returns a dict with ``verts`` (V, 3) float64 and ``faces`` (F, 3) int64 (0-based), and, for
-    files written by :func:`save_obj` with textures, ``face_textures`` (F, T, T, 3) in [0, 1]
-    read back from the atlas (8-bit precision).
+    Returns a dict with ``verts`` (V, 3) float64 and ``faces`` (F, 3) int64 (0-based), with
+    ``vertex_colors`` (V, 3) when the file has them, and, for files written by
+    :func:`save_obj` with textures, ``face_textures`` (F, T, T, 3) in [0, 1] read back from the
+    atlas (8-bit precision).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_obj: no such file {path}")
-    verts, uvs, faces, face_uvs = [], [], [], []
+    verts, uvs, faces, face_uvs, colors = [], [], [], [], []
     tex_size, mtllib = None, None
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         if line.startswith(_TEX_SIZE_TAG):
@@ -132,6 +141,8 @@ def load_obj(path) -> dict:
             continue
         if parts[0] == "v":
             verts.append([float(x) for x in parts[1:4]])
+            if len(parts) >= 7:
+                colors.append([float(x) for x in parts[4:7]])
         elif parts[0] == "vt":
             uvs.append([float(x) for x in parts[1:3]])
         elif parts[0] == "f":
@@ -144,6 +155,8 @@ def load_obj(path) -> dict:
         elif parts[0] == "mtllib":
             mtllib = path.parent / parts[1]
     out = {"verts": np.array(verts, dtype=np.float64).reshape(-1, 3), "faces": np.array(faces, dtype=np.int64).reshape(-1, 3)}
+    if colors and len(colors) == len(verts):
+        out["vertex_colors"] = np.array(colors)
     if tex_size is not None and mtllib is not None and len(face_uvs) == len(faces):
         out["face_textures"] = _read_face_textures(mtllib, np.array(uvs)[np.array(face_uvs)], tex_size)
     return out

@@ -67,6 +67,14 @@ class ObjectiveConfig:
         return cls(stage=stage, **{n: getattr(flags, n) for n in names if hasattr(flags, n)})
 
 
+def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
+    """Novel-view angles for the GAN: integer degrees in [0, 180), per sample from the batch
+    (``gan_angle``, see :class:`umr.trainer.SampleNoise`) or drawn here."""
+    if "gan_angle" in batch:
+        return batch["gan_angle"].to(verts)
+    return torch.randint(0, 180, (len(verts),), device=verts.device).to(verts.dtype)
+
+
 class _Objective(nn.Module):
     def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator]):
         super().__init__()
@@ -127,8 +135,7 @@ class Stage1Objective(_Objective):
         target, visible = L.cycle_target(render.face_index, faces.shape[0], render.p2f, c.compat, stage=1)
         terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), visible)
         if self.discriminator is not None:
-            angles = torch.randint(0, 180, (len(verts),), device=verts.device).to(verts.dtype)
-            fake = self.mask_renderer(verts, faces, rotate_cam(cam.detach(), angles)).image[:, 3:]
+            fake = self.mask_renderer(verts, faces, rotate_cam(cam.detach(), _gan_angles(batch, verts))).image[:, 3:]
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, alpha.detach()[:, None], fake)
         return sum(terms.values()), terms
 
@@ -186,7 +193,7 @@ class Stage2Objective(_Objective):
         real = (img * mask[:, None]).detach()
         if self.discriminator is not None:
             previous = self.previous_real if self.previous_real is not None and len(self.previous_real) == B else real
-            angles = torch.randint(0, 180, (B,), device=verts.device).to(verts.dtype)
+            angles = _gan_angles(batch, verts)
             fake = self.gan_renderer(verts, faces, rotate_cam(cam_s, angles), textures.detach()).image[:, :3]
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, previous, fake)
         self.previous_real = real

@@ -1,0 +1,167 @@
+"""Semantic template from a stage-1 model (spec model_training_eval.md §11).
+
+    python -m experiments.avg_uv --model_path cachedir/snapshots/cub_s1/pred_net_latest.pth \
+        --out_dir cachedir/snapshots/cub_s1/ --batch_size 16 \
+        --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/ --scops_path <SCOPS maps>
+
+Pass 1 picks an exemplar: the training image whose render best matches it (texture distance
+plus a λ-weighted deformation term). Pass 2 averages, in UV space, the SCOPS part maps of the
+images closest to the exemplar's (the 5 nearest of each batch). Writes to ``--out_dir``, which
+is what ``train_s2 --stemp_path`` reads:
+
+* ``semantic_prob.npy`` (128 x 256 x 5 float32), ``semantic_seg.png`` (its argmax, 0..4);
+* ``vertices_idx/{head,neck,back,belly}_vertices.npy`` (template vertex indices per part);
+* ``mean_v.pth`` (the stage-1 half template, 337 x 3);
+* ``mean_template.obj`` and ``vertex_label.obj`` (coloured meshes to look at).
+
+By default the model runs in eval mode, the exemplar is scored against the image as it is, and
+λ = mean distance / mean deformation over the whole set. ``--compat`` restores the original:
+train-mode batch norm, a "flipped" camera compared with the mirrored image (which only
+mirrors a mesh symmetric about x, not UMR's y: quirk Q8) and a λ per batch.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from absl import app, flags
+from PIL import Image
+from tqdm import tqdm
+
+from data.cub import make_loader
+from experiments import flags as umr_flags
+from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
+from umr import distributed as D
+from umr.losses import PART_NAMES, make_texture_distance
+from umr.nets import load_original_checkpoint
+from umr.obj_io import save_obj
+from umr.renderer import SoftRenderer
+
+umr_flags.define_test_flags()
+flags.DEFINE_string("out_dir", "cachedir/snapshots/cub_net/", "Where to write the semantic template.")
+flags.DEFINE_enum("texture_loss", "perceptual", ["perceptual", "l1"],
+                  "Distance of the exemplar search: UMR's perceptual one (needs AlexNet's ImageNet weights) or l1.")
+flags.DEFINE_integer("num_parts", 4, "SCOPS parts (besides the background).")
+FLAGS = flags.FLAGS
+
+PART_COLOURS = np.array([[0.8, 0.8, 0.8], [0.9, 0.24, 0.24], [0.94, 0.78, 0.16], [0.24, 0.55, 0.94], [0.31, 0.78, 0.35]])
+
+
+def uv_part_maps(part_prob: torch.Tensor, uv_image: torch.Tensor) -> torch.Tensor:
+    """Part maps (B, 5, S, S) pulled into UV space through the UV flow images (B, 2, H, W)."""
+    return F.grid_sample(part_prob, uv_image.permute(0, 2, 3, 1), align_corners=True)
+
+
+def flip_camera(cam: torch.Tensor) -> torch.Tensor:
+    """The original's "flipped" camera [s, −tx, ty, qw, qx, −qy, −qz] (Q8)."""
+    return cam * cam.new_tensor([1, -1, 1, 1, 1, -1, -1])
+
+
+def majority(labels: np.ndarray, num_labels: int) -> int:
+    return int(np.bincount(labels, minlength=num_labels).argmax())  # ties → smaller label
+
+
+def labels_from_uv(prob: torch.Tensor, model) -> tuple:
+    """Per-face and per-vertex part labels of the template from the UV part distribution."""
+    mesh = model.mesh
+    sampler = model.texture_predictor.uv_sampler.cpu()  # (F_half, T*T, 2)
+    per_sample = F.grid_sample(prob[None], sampler[None], align_corners=True)[0].argmax(0)  # (F_half, T*T)
+    per_sample = mesh.symmetrize_faces(per_sample[None])[0].numpy()
+    num_labels = prob.shape[0]
+    face_labels = np.array([majority(row, num_labels) for row in per_sample])
+    vertex_faces = [[] for _ in range(len(mesh.verts))]
+    for f, face in enumerate(mesh.faces):
+        for v in face:
+            vertex_faces[v].append(face_labels[f])
+    vertex_labels = np.array([majority(np.array(fl), num_labels) for fl in vertex_faces])
+    return per_sample, face_labels, vertex_labels
+
+
+@user_errors_exit
+def main(_):
+    check_sizes(FLAGS)
+    ctx = D.setup(FLAGS.device)
+    torch.manual_seed(0)
+    out_dir = Path(FLAGS.out_dir)
+    model = build_model(FLAGS, stage=1, pretrained=False)
+    load_original_checkpoint(model, FLAGS.model_path)
+    model.to(ctx.device)
+    model.train(FLAGS.compat)  # the original left batch norm in train mode
+    dataset = build_dataset(FLAGS, "train", use_scops=True, train=True)
+    batch_size = FLAGS.batch_size
+    distance = make_texture_distance(FLAGS.texture_loss).to(ctx.device)
+    renderer = SoftRenderer(FLAGS.image_size).to(ctx.device)  # white texture, default lighting
+    template = model.get_mean_shape()
+    faces = model.faces
+
+    def batches(epoch, desc):
+        dataset.set_epoch(epoch)
+        loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, num_workers=FLAGS.n_data_workers)
+        for i, batch in enumerate(tqdm(loader, desc=desc)):
+            if FLAGS.max_eval_iter and i >= FLAGS.max_eval_iter:
+                break
+            yield {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # Pass 1: the exemplar.
+    scores, best_uv, best = [], None, (np.inf, None)
+    with torch.no_grad():
+        for batch in batches(0, "avg_uv pass 1 (exemplar)"):
+            out = model(batch["img"])
+            img, mask = batch["img"], batch["mask"][:, None]
+            cam = flip_camera(out["cam"]) if FLAGS.compat else out["cam"]
+            render = renderer(out["verts"], faces, cam).image
+            target = (img * mask).flip(-1) if FLAGS.compat else img * mask
+            dist = distance(render[:, :3] * render[:, 3:], target)
+            reg = ((out["verts"] - template) ** 2).sum((1, 2))
+            if FLAGS.compat:  # λ of this batch, keep the running best
+                score = dist + dist.mean() / reg.mean() * reg
+                b = int(score.argmin())
+                if score[b] < best[0]:
+                    best = (float(score[b]), None)
+                    best_uv = uv_part_maps(batch["part_prob"][b : b + 1], out["uvimage_pred"][b : b + 1])[0]
+            for i in range(len(dist)):
+                scores.append((float(dist[i]), float(reg[i]), int(batch["inds"][i])))
+    if not scores:
+        print("error: avg_uv found no training images", file=sys.stderr)
+        sys.exit(2)
+    if not FLAGS.compat:  # one λ for the whole set, then the exemplar's UV part map
+        dist, reg, inds = map(np.array, zip(*scores))
+        lam = dist.mean() / max(reg.mean(), 1e-12)
+        exemplar = int(inds[np.argmin(dist + lam * reg)])
+        dataset.set_epoch(0)
+        item = dataset[exemplar]
+        with torch.no_grad():
+            out = model(torch.from_numpy(item["img"])[None].to(ctx.device))
+            best_uv = uv_part_maps(torch.from_numpy(item["part_prob"])[None].to(ctx.device), out["uvimage_pred"])[0]
+
+    # Pass 2: average the UV part maps closest to the exemplar's.
+    total, count = torch.zeros_like(best_uv), 0
+    with torch.no_grad():
+        for batch in batches(1, "avg_uv pass 2 (average)"):
+            out = model(batch["img"])
+            uv = uv_part_maps(batch["part_prob"], out["uvimage_pred"])
+            nearest = ((uv - best_uv) ** 2).sum((1, 2, 3)).argsort()[: min(5, len(uv))]
+            total += uv[nearest].sum(0)
+            count += len(nearest)
+    prob = (total / count).cpu()  # (5, H_uv, W_uv)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vertices_idx").mkdir(exist_ok=True)
+    np.save(out_dir / "semantic_prob.npy", prob.permute(1, 2, 0).numpy().astype(np.float32))
+    Image.fromarray(prob.argmax(0).numpy().astype(np.uint8)).save(out_dir / "semantic_seg.png")
+    per_sample, face_labels, vertex_labels = labels_from_uv(prob, model)
+    for label, part in enumerate(PART_NAMES, start=1):
+        np.save(out_dir / "vertices_idx" / f"{part}_vertices.npy", np.flatnonzero(vertex_labels == label).astype(np.int64))
+    torch.save(model.mean_v.detach().cpu().float().clone(), out_dir / "mean_v.pth")
+    verts = template.cpu()
+    tex = PART_COLOURS[per_sample].reshape(len(face_labels), FLAGS.tex_size, FLAGS.tex_size, 3)
+    save_obj(out_dir / "mean_template.obj", verts, model.mesh.faces, face_textures=tex)
+    save_obj(out_dir / "vertex_label.obj", verts, model.mesh.faces, vertex_colors=PART_COLOURS[vertex_labels])
+    counts = {p: int((vertex_labels == i).sum()) for i, p in enumerate(PART_NAMES, start=1)}
+    print(f"avg_uv: semantic template written to {out_dir} (vertices per part: {counts}); "
+          f"use it with train_s2 --stemp_path {out_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,47 @@
+"""Stage 1: learn the category template from a sphere, with one camera per image and no
+semantic losses (spec model_training_eval.md §10).
+
+    python -m experiments.train_s1 --name cub_s1 --batch_size 64 \
+        --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/
+    torchrun --nproc_per_node 4 -m experiments.train_s1 --name cub_s1 ...   # several GPUs
+
+Outputs: <checkpoint_dir>/<name>/pred_net_latest.pth (+ pred_net_<epoch>.pth), loss_log.jsonl,
+and PNG visuals in <vis_dir>/<name>/.
+"""
+from absl import app
+
+from experiments import flags as F
+from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
+from umr import distributed as D
+from umr.nets import Discriminator
+from umr.objectives import ObjectiveConfig, Stage1Objective
+from umr.trainer import Trainer, TrainSettings, make_template_update, seed_everything
+
+F.define_train_flags(stage=1)
+FLAGS = F.FLAGS
+
+
+@user_errors_exit
+def main(_):
+    check_sizes(FLAGS)
+    ctx = D.setup(FLAGS.device)
+    seed_everything(FLAGS.seed)
+    dataset = build_dataset(FLAGS, FLAGS.split, use_scops=False)
+    model = build_model(FLAGS, stage=1)
+    config = ObjectiveConfig.from_flags(FLAGS, stage=1)
+    disc = Discriminator(FLAGS.grl_wt, 1, FLAGS.image_size) if FLAGS.use_gan else None
+    objective = Stage1Objective(model, config, disc)
+    trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
+                      extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
+                      end_of_epoch=make_template_update(FLAGS.update_template_freq))
+    if ctx.is_main:
+        print(f"train_s1: {len(dataset)} images, {ctx.world_size} process(es) on {ctx.device}; "
+              f"checkpoints in {trainer.run_dir}, visuals in {trainer.vis_dir}")
+    try:
+        trainer.run()
+    finally:
+        D.cleanup()
+
+
+if __name__ == "__main__":
+    app.run(main)

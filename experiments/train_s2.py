@@ -1,0 +1,48 @@
+"""Stage 2: the full model with multiple camera hypotheses and semantic consistency, on the
+template and semantic parts that avg_uv wrote (spec model_training_eval.md §12).
+
+    python -m experiments.train_s2 --name cub_s2 --batch_size 16 \
+        --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/ \
+        --scops_path SCOPS/results/cub/ITER_60000/train/dcrf_prob --stemp_path cachedir/snapshots/cub_s1/
+
+Outputs as train_s1.
+"""
+from absl import app
+
+from experiments import flags as F
+from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
+from umr import distributed as D
+from umr.losses import SemanticTemplate, face_sample_labels
+from umr.nets import Discriminator
+from umr.objectives import ObjectiveConfig, Stage2Objective
+from umr.trainer import Trainer, TrainSettings, seed_everything
+
+F.define_train_flags(stage=2)
+FLAGS = F.FLAGS
+
+
+@user_errors_exit
+def main(_):
+    check_sizes(FLAGS)
+    template = SemanticTemplate(FLAGS.stemp_path)
+    ctx = D.setup(FLAGS.device)
+    seed_everything(FLAGS.seed)
+    dataset = build_dataset(FLAGS, FLAGS.split, use_scops=True)
+    model = build_model(FLAGS, stage=2, mean_shape=template.mean_v)
+    labels = face_sample_labels(template.seg, model.texture_predictor.uv_sampler, model.mesh, FLAGS.compat)
+    config = ObjectiveConfig.from_flags(FLAGS, stage=2)
+    disc = Discriminator(FLAGS.grl_wt, 3, FLAGS.image_size) if FLAGS.use_gan else None
+    objective = Stage2Objective(model, config, labels, template.vertices, disc)
+    trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
+                      extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()})
+    if ctx.is_main:
+        print(f"train_s2: {len(dataset)} images, {ctx.world_size} process(es) on {ctx.device}; "
+              f"checkpoints in {trainer.run_dir}, visuals in {trainer.vis_dir}")
+    try:
+        trainer.run()
+    finally:
+        D.cleanup()
+
+
+if __name__ == "__main__":
+    app.run(main)

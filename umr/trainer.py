@@ -1,0 +1,402 @@
+"""The training loop shared by ``train_s1`` and ``train_s2`` (spec model_training_eval.md §13).
+
+* Adam over the model and the discriminator (lr ``learning_rate / (1 + 5e-4·n)``, n the global
+  iteration from 1), one backward per iteration, a step every ``optim_bs`` iterations.
+* One CPU, one GPU, or N processes under ``torchrun`` (DistributedDataParallel, batch norm over
+  the global batch): the global batch ``batch_size`` is split over the processes, and every
+  random draw of a sample (augmentation, latent noise, camera sample, GAN view) is a function of
+  ``(seed, epoch, index)``, so the run does not depend on the process count.
+* Checkpoints ``<checkpoint_dir>/<name>/pred_net_latest.pth`` (every ``save_latest_freq``
+  iterations and every epoch) and ``pred_net_<epoch>.pth`` (every ``save_epoch_freq`` epochs),
+  written atomically (temporary file + rename); they hold the model, the discriminator, the
+  optimiser, the position in the run and the RNG states, so ``--resume`` continues exactly.
+* A progress bar, scalars in ``loss_log.jsonl`` (and TensorBoard when installed), PNG visuals
+  every ``display_freq`` iterations, visdom with ``display_visuals``. A NaN or inf loss stops
+  the run naming the loss term; the last good checkpoint stays.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from umr import distributed as D
+
+__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "save_atomic", "load_checkpoint"]
+
+CHECKPOINT_FORMAT = "umr-train-1"
+
+
+@dataclass
+class TrainSettings:
+    """The training flags (names as the original's)."""
+
+    name: str = "exp_name"
+    num_epochs: int = 500
+    num_pretrain_epochs: int = 0
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    use_sgd: bool = False
+    optim_bs: int = 1
+    num_iter: int = 0
+    batch_size: int = 64
+    checkpoint_dir: str = "cachedir/snapshots"
+    vis_dir: str = "cachedir/visualization"
+    print_freq: int = 20
+    save_latest_freq: int = 3000
+    save_epoch_freq: int = 301
+    display_freq: int = 100
+    display_visuals: bool = False
+    visdom_server: str = "http://localhost"
+    visdom_port: int = 8097
+    device: str = "auto"
+    resume: bool = False
+    seed: int = 0
+    n_data_workers: int = 4
+
+    @classmethod
+    def from_flags(cls, flags) -> "TrainSettings":
+        return cls(**{f.name: getattr(flags, f.name) for f in fields(cls) if hasattr(flags, f.name)})
+
+
+class SampleNoise(Dataset):
+    """Adds each sample's random draws to it: ``eps_z`` (z_dim,) standard normal (latent
+    sample), ``u_cam`` uniform (camera hypothesis sample) and ``gan_angle`` (integer degrees in
+    [0, 180), the GAN's novel view), all functions of ``(seed, epoch, index)``."""
+
+    def __init__(self, dataset: Dataset, z_dim: int, seed: int = 0):
+        self.dataset, self.z_dim, self.seed, self.epoch = dataset, z_dim, seed, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index, 7])
+        item["eps_z"] = rng.standard_normal(self.z_dim).astype(np.float32)
+        item["u_cam"] = np.float32(rng.random())
+        item["gan_angle"] = np.float32(rng.integers(0, 180))
+        return item
+
+
+class _SkipSampler(Sampler):
+    """The indices of a sampler, without the first ``skip`` (to resume inside an epoch)."""
+
+    def __init__(self, sampler: Sampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return iter(list(self.sampler)[self.skip :])
+
+    def __len__(self):
+        return max(0, len(self.sampler) - self.skip)
+
+
+class TrainStep(nn.Module):
+    """Model + objective as one module (what DistributedDataParallel wraps)."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict, epoch: int):
+        out = self.model(batch["img"], batch.get("eps_z"), batch.get("u_cam"))
+        if self.model.stage == 2:
+            total, terms = self.objective(out, batch, epoch, self.model.get_mean_shape())
+        else:
+            total, terms = self.objective(out, batch, epoch)
+        return total, terms, out
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to ``<path>.tmp``, then rename: a crash mid-write never leaves a truncated
+    file under ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({err}); it may be truncated") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise RuntimeError(f"{path} is not a umr training checkpoint (it cannot be resumed from)")
+    return state
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    """Runs ``TrainStep`` over a dataset with the settings above.
+
+    Args:
+        settings: :class:`TrainSettings`.
+        model: a :class:`umr.nets.MeshNet`; objective: its stage's objective (holding the
+            discriminator, whose parameters are trained by the same optimiser).
+        dataset: the training set (with ``set_epoch``); wrapped in :class:`SampleNoise` here.
+        ctx: from :func:`umr.distributed.setup`.
+        extra_state: a dict saved into every checkpoint (e.g. the flags).
+        end_of_epoch: called as ``fn(trainer, epoch)`` after each epoch, before checkpointing
+            (stage 1's template update).
+    """
+
+    def __init__(self, settings: TrainSettings, model, objective, dataset, ctx: D.Context,
+                 extra_state: Optional[dict] = None, end_of_epoch: Optional[Callable] = None):
+        self.s, self.ctx = settings, ctx
+        if settings.batch_size % ctx.world_size:
+            raise ValueError(f"--batch_size {settings.batch_size} must be divisible by the {ctx.world_size} processes")
+        self.local_batch = settings.batch_size // ctx.world_size
+        self.model, self.objective = model.to(ctx.device), objective.to(ctx.device)
+        # the ResNet's classifier is kept only for the checkpoint layout: never trained
+        for p in self.model.encoder.resnet_conv.resnet.fc.parameters():
+            p.requires_grad_(False)
+        self.step_module = TrainStep(self.model, self.objective)
+        if ctx.distributed:
+            D.convert_batchnorm(self.step_module)
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
+            )
+        self.dataset = SampleNoise(dataset, model.encoder.mean_fc[-1].out_features, settings.seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if settings.use_sgd:
+            self.optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.beta1)
+        else:
+            disc = objective.discriminator
+            params += [p for p in (disc.parameters() if disc is not None else []) if p.requires_grad]
+            self.optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(settings.beta1, 0.999))
+        self.run_dir = Path(settings.checkpoint_dir) / settings.name
+        self.vis_dir = Path(settings.vis_dir) / settings.name
+        self.extra_state = extra_state or {}
+        self.end_of_epoch = end_of_epoch
+        self.epoch, self.iteration, self.step = settings.num_pretrain_epochs, 0, 0
+        self._tensorboard = self._visdom = None
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def latest_path(self) -> Path:
+        return self.run_dir / "pred_net_latest.pth"
+
+    def state(self) -> dict:
+        disc = self.objective.discriminator
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+            "discriminator": disc.state_dict() if disc is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "step": self.step,
+            "previous_real": getattr(self.objective, "previous_real", None),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            **self.extra_state,
+        }
+
+    def save(self, path: Path) -> None:
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_atomic(self.state(), path)
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        disc = self.objective.discriminator
+        if disc is not None and state.get("discriminator") is not None:
+            disc.load_state_dict(state["discriminator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.iteration, self.step = state["epoch"], state["iteration"], state["step"]
+        if state.get("previous_real") is not None and hasattr(self.objective, "previous_real"):
+            self.objective.previous_real = state["previous_real"].to(self.ctx.device)
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+
+    # ---------------------------------------------------------------- logging
+    def _log(self, record: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "loss_log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except ImportError:
+                self._tensorboard = False
+        if self._tensorboard:
+            for key, value in record.items():
+                if isinstance(value, float):
+                    self._tensorboard.add_scalar(key, value, record["step"])
+        if self._visdom:
+            for key, value in record.items():
+                if isinstance(value, float) and key not in ("time", "lr"):
+                    self._visdom.line(X=[record["step"]], Y=[value], win=f"loss_{key}", update="append",
+                                      opts={"title": key})
+
+    def _connect_visdom(self) -> None:
+        if not (self.s.display_visuals and self.ctx.is_main):
+            return
+        try:
+            import visdom
+        except ImportError as err:
+            raise RuntimeError("--display_visuals needs visdom: pip install --no-build-isolation visdom==0.2.4") from err
+        self._visdom = visdom.Visdom(server=self.s.visdom_server, port=self.s.visdom_port, env=self.s.name,
+                                     raise_exceptions=True)
+        if not self._visdom.check_connection(timeout_seconds=5):
+            raise RuntimeError(
+                f"no visdom server at {self.s.visdom_server}:{self.s.visdom_port}; start one with "
+                f"`python -m visdom.server -port {self.s.visdom_port}` or drop --display_visuals"
+            )
+
+    def _visuals(self, out: dict, batch: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        from PIL import Image
+
+        from umr.renderer import SoftRenderer
+        from umr.visuals import training_grid
+
+        renderer = SoftRenderer(batch["img"].shape[-1], background_color=(1.0, 1.0, 1.0)).to(self.ctx.device)
+        grid = training_grid(out, batch, self.model.faces, renderer)
+        self.vis_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(self.vis_dir / f"iter_{self.step:07d}.png")
+        if self._visdom:
+            self._visdom.image(grid.transpose(2, 0, 1), win="visuals", opts={"title": f"iteration {self.step}"})
+
+    # ---------------------------------------------------------------- loop
+    def loader(self, epoch: int, skip_batches: int = 0, shuffle: bool = True) -> DataLoader:
+        self.dataset.set_epoch(epoch)
+        sampler = DistributedSampler(self.dataset, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
+                                     shuffle=shuffle, seed=self.s.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        return DataLoader(
+            self.dataset, batch_size=self.local_batch, sampler=_SkipSampler(sampler, skip_batches * self.local_batch),
+            drop_last=True, num_workers=self.s.n_data_workers, timeout=600 if self.s.n_data_workers else 0,
+        )
+
+    def _check_finite(self, terms: dict) -> None:
+        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
+        flag = torch.tensor([float(len(bad))], device=self.ctx.device)
+        flag = D.all_reduce_sum(flag)  # all processes stop together
+        if flag.item() > 0:
+            where = f"epoch {self.epoch}, iteration {self.iteration}, step {self.step}"
+            kept = self.latest_path if self.latest_path.exists() else "none yet"
+            names = ", ".join(bad) if bad else "(on another process)"
+            raise FloatingPointError(f"non-finite loss term(s) {names} at {where}; stopped before the update. "
+                                     f"Last good checkpoint: {kept}")
+
+    def run(self) -> None:
+        s = self.s
+        if s.resume:
+            if not self.latest_path.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {self.latest_path} (check --name and --checkpoint_dir)")
+            self.restore(load_checkpoint(self.latest_path))
+        self._connect_visdom()
+        start = time.time()
+        for epoch in range(self.epoch, s.num_epochs):
+            self.epoch = epoch
+            skip = self.iteration
+            loader = self.loader(epoch, skip)
+            total_batches = skip + len(loader)
+            bar = tqdm(total=total_batches, initial=skip, desc=f"{s.name} epoch {epoch}", disable=not self.ctx.is_main,
+                       dynamic_ncols=True)
+            self.step_module.train()
+            for batch in loader:
+                batch = _to_device(batch, self.ctx.device)
+                self.step += 1
+                lr = s.learning_rate / (1 + 5e-4 * self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                total, terms, out = self.step_module(batch, epoch)
+                self._check_finite(terms)
+                (total / s.optim_bs).backward()
+                if self.step % s.optim_bs == 0:
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.iteration += 1
+                bar.update()
+                if self.step % max(1, s.print_freq) == 0 or self.iteration == total_batches:
+                    scalars = {k: float(v.detach()) for k, v in terms.items()}
+                    bar.set_postfix(total=f"{float(total.detach()):.3f}", **{k: f"{scalars[k]:.3f}" for k in ("mask", "texture") if k in scalars})
+                    self._log({"epoch": epoch, "iteration": self.iteration, "step": self.step, "lr": lr,
+                               "total": float(total.detach()), **scalars, "time": time.time() - start})
+                if s.display_freq and self.step % s.display_freq == 0:
+                    self._visuals(out, batch)
+                if s.save_latest_freq and self.step % s.save_latest_freq == 0:
+                    self.save(self.latest_path)
+                if s.num_iter and self.step >= s.num_iter:
+                    bar.close()
+                    self.save(self.latest_path)
+                    return
+            bar.close()
+            if self.end_of_epoch is not None:
+                self.end_of_epoch(self, epoch)
+            self.epoch, self.iteration = epoch + 1, 0
+            self.save(self.latest_path)
+            if (epoch + 1) % s.save_epoch_freq == 0:
+                self.save(self.run_dir / f"pred_net_{epoch + 1}.pth")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def make_template_update(freq: int) -> Callable:
+    """Stage 1's template update (§10.3): after every ``freq``-th epoch, run the model (train
+    mode, no gradients) over that epoch's training batches, average the sampled latents over all
+    samples (of all processes) and add the predicted offsets of that mean latent to ``mean_v``."""
+
+    def update(trainer: Trainer, epoch: int) -> None:
+        if freq <= 0 or (epoch + 1) % freq:
+            return
+        model = trainer.model
+        model.train()
+        z_sum = torch.zeros(model.encoder.mean_fc[-1].out_features, device=trainer.ctx.device, dtype=torch.float64)
+        count = torch.zeros(1, device=trainer.ctx.device, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
+                              disable=not trainer.ctx.is_main):
+                batch = _to_device(batch, trainer.ctx.device)
+                z = model(batch["img"], batch["eps_z"], batch["u_cam"])["noise"]
+                z_sum += z.double().sum(0)
+                count += len(z)
+            z_mean = (D.all_reduce_sum(z_sum) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
+            model.mean_v += model.predict_offsets(z_mean[None])[0]
+
+    return update
