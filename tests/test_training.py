@@ -1,0 +1,187 @@
+"""End-to-end runs of train_s1 → avg_uv → train_s2 on tiny synthetic data, resume, torchrun."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import synth_birds
+from umr import trainer as T
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    synth_birds.generate(root, seed=11, photo_size=160, workers=1, progress=False, num_train=8, num_val=0, num_test=4)
+    return root
+
+
+def data_flags(root):
+    return [f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}",
+            f"--scops_path={root / 'scops'}", f"--img_size={SIZE}", f"--image_size={SIZE}", "--n_data_workers=0"]
+
+
+def train_flags(root, out, name, *extra):
+    return [*data_flags(root), f"--name={name}", f"--checkpoint_dir={out / 'snapshots'}", f"--vis_dir={out / 'vis'}",
+            "--batch_size=4", "--nopretrained_encoder", "--texture_loss=l1", "--print_freq=1", "--save_latest_freq=0",
+            *extra]
+
+
+def run(module, *args, env=None, launcher=None, check=True):
+    command = (launcher or [sys.executable, "-m"]) + [module, *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                            timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_states_close(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_pipeline_smoke(data_dir, tmp_path):
+    """train_s1 → avg_uv → train_s2 run end to end and write what the next step reads."""
+    s1 = train_flags(data_dir, tmp_path, "s1", "--num_epochs=2", "--update_template_freq=1", "--display_freq=2")
+    result = run("experiments.train_s1", *s1)
+    assert "checkpoints in" in result.stdout
+    ckpt = tmp_path / "snapshots" / "s1" / "pred_net_latest.pth"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 2 and state["step"] == 4 and state["stage"] == 1
+    sphere = torch.from_numpy(np.asarray(
+        __import__("umr.mesh", fromlist=["symmetric_template"]).symmetric_template().verts[:337])).float()
+    assert not torch.allclose(state["model"]["mean_v"], sphere)  # the template was updated
+    assert len(list((tmp_path / "vis" / "s1").glob("iter_*.png"))) == 2
+    log = (tmp_path / "snapshots" / "s1" / "loss_log.jsonl").read_text().splitlines()
+    assert len(log) == 4 and '"mask"' in log[0]
+
+    stemp = tmp_path / "stemp"
+    run("experiments.avg_uv", *data_flags(data_dir), f"--model_path={ckpt}", f"--out_dir={stemp}", "--batch_size=4",
+        "--texture_loss=l1")
+    for name in ("semantic_prob.npy", "semantic_seg.png", "mean_v.pth", "mean_template.obj", "vertex_label.obj",
+                 "vertices_idx/head_vertices.npy", "vertices_idx/belly_vertices.npy"):
+        assert (stemp / name).is_file(), name
+    assert np.load(stemp / "semantic_prob.npy").shape == (128, 256, 5)
+    torch.testing.assert_close(torch.load(stemp / "mean_v.pth"), state["model"]["mean_v"])
+    ckpt.unlink()
+
+    run("experiments.train_s2", *train_flags(data_dir, tmp_path, "s2", "--num_iter=2"), f"--stemp_path={stemp}")
+    s2 = torch.load(tmp_path / "snapshots" / "s2" / "pred_net_latest.pth", map_location="cpu", weights_only=False)
+    assert s2["step"] == 2 and s2["stage"] == 2
+    torch.testing.assert_close(s2["model"]["mean_v"], state["model"]["mean_v"])  # fixed in stage 2
+
+
+def test_resume_continues_exactly(data_dir, tmp_path):
+    # 6 iterations = 1.5 epochs of 8 images at batch 4, with a template update at each epoch end
+    common = ("--num_epochs=5", "--update_template_freq=1")
+    run("experiments.train_s1", *train_flags(data_dir, tmp_path, "straight", "--num_iter=6", *common))
+    run("experiments.train_s1", *train_flags(data_dir, tmp_path, "resumed", "--num_iter=3", *common))
+    first = torch.load(tmp_path / "snapshots" / "resumed" / "pred_net_latest.pth", map_location="cpu", weights_only=False)
+    assert (first["epoch"], first["iteration"], first["step"]) == (0, 2, 3) or first["step"] == 3
+    run("experiments.train_s1", *train_flags(data_dir, tmp_path, "resumed", "--num_iter=6", "--resume", *common))
+    straight = model_state(tmp_path / "snapshots" / "straight" / "pred_net_latest.pth")
+    resumed = model_state(tmp_path / "snapshots" / "resumed" / "pred_net_latest.pth")
+    assert_states_close(straight, resumed, atol=1e-6)
+    assert not torch.allclose(straight["shape_predictor.mlp.0.weight"], first["model"]["shape_predictor.mlp.0.weight"])
+
+
+def test_torchrun_update_equals_single_process(data_dir, tmp_path):
+    # SGD: the update is linear in the gradient (Adam's first step is ±lr for any tiny gradient)
+    flags = ("--num_iter=1", "--num_epochs=1", "--use_sgd", "--learning_rate=1e-2")
+    run("experiments.train_s1", *train_flags(data_dir, tmp_path, "single", *flags))
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    run("experiments.train_s1", *train_flags(data_dir, tmp_path, "ddp", *flags), launcher=launcher)
+    # both runs start from the same weights (same seed); compare their updates
+    init = T.load_checkpoint(tmp_path / "snapshots" / "single" / "pred_net_latest.pth")["flags"]
+    assert init["batch_size"] == 4
+    torch.manual_seed(0)
+    from umr.nets import MeshNet
+
+    start = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False).state_dict()
+    single = model_state(tmp_path / "snapshots" / "single" / "pred_net_latest.pth")
+    ddp = model_state(tmp_path / "snapshots" / "ddp" / "pred_net_latest.pth")
+    keys = [k for k in start if start[k].is_floating_point() and "running" not in k]
+    up_single = torch.cat([(single[k] - start[k]).flatten() for k in keys])
+    up_ddp = torch.cat([(ddp[k] - start[k]).flatten() for k in keys])
+    scale = up_single.abs().max()
+    assert scale > 1e-4  # a real update happened
+    # float32 rounding, amplified through the network, stays far below this; without batch
+    # statistics over the global batch the difference is about 100x the largest update
+    assert (up_ddp - up_single).abs().max() < 0.02 * scale
+    assert torch.nn.functional.cosine_similarity(up_ddp, up_single, dim=0) > 0.9999
+    for k in start:  # running statistics: the global batch's too
+        if "running" in k:
+            torch.testing.assert_close(single[k], ddp[k], atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_checkpoint_is_never_latest(tmp_path, monkeypatch):
+    path = tmp_path / "pred_net_latest.pth"
+    good = {"format": T.CHECKPOINT_FORMAT, "step": 1}
+    T.save_atomic(good, path)
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 truncated")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_atomic({"format": T.CHECKPOINT_FORMAT, "step": 2}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert T.load_checkpoint(path)["step"] == 1
+    assert not path.with_name(path.name + ".tmp").exists()
+    path.write_bytes(b"PK\x03\x04 truncated")  # a file truncated by something else is refused clearly
+    with pytest.raises(RuntimeError, match="truncated"):
+        T.load_checkpoint(path)
+
+
+def test_missing_inputs_stop_with_clear_messages(data_dir, tmp_path):
+    result = run("experiments.train_s2", *train_flags(data_dir, tmp_path, "x"), f"--stemp_path={tmp_path / 'nope'}",
+                 check=False)
+    assert result.returncode == 2 and "--stemp_path" in result.stderr and "Traceback" not in result.stderr
+    bad = [f for f in train_flags(data_dir, tmp_path, "y") if not f.startswith("--cub_dir")] + [f"--cub_dir={tmp_path}"]
+    result = run("experiments.train_s1", *bad, check=False)
+    assert result.returncode == 2 and "--cub_dir" in result.stderr
+    result = run("experiments.train_s1", *train_flags(data_dir, tmp_path, "z"), "--resume", check=False)
+    assert result.returncode == 2 and "--resume" in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    from data.cub import CUBDataset
+    from umr.distributed import Context
+    from umr.nets import MeshNet
+    from umr.objectives import ObjectiveConfig, Stage1Objective
+
+    dataset = CUBDataset(data_dir / "CUB_200_2011", data_dir / "cachedir" / "cub", img_size=SIZE)
+    model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False)
+    objective = Stage1Objective(model, ObjectiveConfig.for_stage(1, image_size=SIZE, texture_loss="l1", use_gan=False))
+    original = objective.forward
+
+    def poisoned(out, batch, epoch):
+        total, terms = original(out, batch, epoch)
+        if trainer.step == 2:
+            terms["texture_dt"] = terms["texture_dt"] * float("nan")
+        return total, terms
+
+    objective.forward = poisoned
+    settings = T.TrainSettings(name="nan", checkpoint_dir=str(tmp_path), vis_dir=str(tmp_path / "vis"), batch_size=4,
+                               num_epochs=1, save_latest_freq=1, display_freq=0, n_data_workers=0)
+    trainer = T.Trainer(settings, model, objective, dataset, Context(0, 1, 0, torch.device("cpu")))
+    with pytest.raises(FloatingPointError, match="texture_dt.*Last good checkpoint"):
+        trainer.run()
+    assert T.load_checkpoint(trainer.latest_path)["step"] == 1
