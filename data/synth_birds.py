@@ -298,7 +298,6 @@ def _renderer(size: int) -> SoftRenderer:
 def generate_one(task: tuple) -> dict:
     """Render one photo and its annotations (runs in a worker process)."""
     seed, split, index, photo_size, out_dir, scops_format, crop_size, mat_index = task
-    torch.set_num_threads(1)
     rng = np.random.default_rng([seed, SPLIT_IDS[split], index])
     species = int(rng.integers(NUM_SPECIES))
     palette = species_palette(seed, species)
@@ -451,7 +450,8 @@ def generate(out_dir, num_train=1000, num_val=100, num_test=200, seed=0, photo_s
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
             for record in pool.map(generate_one, tasks, chunksize=4):
                 results.append(record)
                 bar.update()

@@ -1,10 +1,15 @@
 """The per-iteration training objectives of both stages (spec model_training_eval.md §10.2, §12.2).
 
 Each objective owns its renderers and regularisers and returns the total loss with its named,
-weighted terms. Gradient routing follows the spec: the texture branch renders detached
-geometry; by default the predicted silhouette that masks the rendered texture is detached too,
+weighted terms. Gradient routing follows the spec: the texture branch sees the geometry as
+detached; by default the predicted silhouette that masks the rendered texture is detached too,
 so texture losses never move shape or camera (the original let them through it: quirk Q4,
 restored by ``compat``).
+
+The original rendered each mesh twice with the same geometry and cameras: once for the
+silhouette (gradients to shape and camera) and once, detached, for the texture. Here one
+render does both: its alpha keeps the geometry gradient, its RGB passes gradients to the
+textures only (``rgb_geometry_grad=False``); values and gradients are those of the two renders.
 """
 from __future__ import annotations
 
@@ -84,7 +89,6 @@ class _Objective(nn.Module):
         self.register_buffer("faces", torch.from_numpy(faces), persistent=False)
         self.laplacian = LaplacianLoss(faces, len(model.mesh.verts))
         self.flatten = FlattenLoss(faces)
-        self.mask_renderer = SoftRenderer(size)
         self.tex_renderer = SoftRenderer(size).ambient_light_only()
         self.texture_distance = L.make_texture_distance(config.texture_loss)
         if config.use_gan and discriminator is None:
@@ -113,6 +117,7 @@ class Stage1Objective(_Objective):
 
     def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator] = None):
         super().__init__(model, config, discriminator)
+        self.gan_renderer = SoftRenderer(config.image_size)  # novel-view silhouettes
 
     def forward(self, out: dict, batch: dict, epoch: int):
         self._check_sizes(batch)
@@ -120,22 +125,22 @@ class Stage1Objective(_Objective):
         verts, cam, faces = out["verts"], out["cam"], self.faces
         img, mask = batch["img"], batch["mask"]
         terms = {}
-        alpha = self.mask_renderer(verts, faces, cam).image[:, 3]
+        textures = sample_textures(out["tex_flow"], img)
+        render = self.tex_renderer(verts, faces, cam, textures, return_p2f=c.compat, rgb_geometry_grad=False)
+        alpha = render.image[:, 3]
         terms["mask"] = c.mask_loss_wt * L.mask_loss(alpha, mask)
         terms.update(self._regularisers(out))
         if epoch > c.update_template_freq:  # the original gates the deformation prior this way
             terms["deform"] = c.deform_reg_wt * L.deform_loss(out["delta_v"])
         if epoch < c.stop_ori_epoch:
             terms["orientation"] = c.ori_reg_wt * L.orientation_loss(verts, c.axis)
-        textures = sample_textures(out["tex_flow"], img)
-        render = self.tex_renderer(verts.detach(), faces, cam.detach(), textures, return_p2f=c.compat)
         masked_render = render.image[:, :3] * self._masked_alpha(alpha)[:, None]
         terms["texture"] = c.tex_loss_wt * self.texture_distance(masked_render, img * mask[:, None]).mean()
         terms["texture_dt"] = c.tex_dt_loss_wt * L.texture_dt_loss(out["tex_flow"], batch["mask_dt"])
         target, visible = L.cycle_target(render.face_index, faces.shape[0], render.p2f, c.compat, stage=1)
         terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), visible)
         if self.discriminator is not None:
-            fake = self.mask_renderer(verts, faces, rotate_cam(cam.detach(), _gan_angles(batch, verts))).image[:, 3:]
+            fake = self.gan_renderer(verts, faces, rotate_cam(cam.detach(), _gan_angles(batch, verts))).image[:, 3:]
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, alpha.detach()[:, None], fake)
         return sum(terms.values()), terms
 
@@ -169,16 +174,14 @@ class Stage2Objective(_Objective):
         B, K = probs.shape
         img, mask = batch["img"], batch["mask"]
         terms = {"entropy": c.ent_loss_wt * L.camera_entropy(probs)}
-        verts_k = verts.repeat_interleave(K, dim=0)
-        alphas = self.mask_renderer(verts_k, faces, hyps.reshape(B * K, 7)).image[:, 3]
+        textures = sample_textures(out["tex_flow"], img)
+        render = self.tex_renderer(verts.repeat_interleave(K, dim=0), faces, hyps.reshape(B * K, 7),
+                                   textures.repeat_interleave(K, dim=0), rgb_geometry_grad=False)
+        alphas = render.image[:, 3]
         terms["mask"] = c.mask_loss_wt * L.multi_mask_loss(alphas.view(B, K, *alphas.shape[1:]), mask, probs)
         terms.update(self._regularisers(out))
         terms["deform"] = c.deform_reg_wt * L.deform_loss(out["delta_v"])
 
-        textures = sample_textures(out["tex_flow"], img)
-        render = self.tex_renderer(
-            verts_k.detach(), faces, hyps.reshape(B * K, 7).detach(), textures.repeat_interleave(K, dim=0)
-        )
         target_img = (img * mask[:, None]).repeat_interleave(K, dim=0)
         masked_render = render.image[:, :3] * self._masked_alpha(alphas)[:, None]
         distance = self.texture_distance(masked_render, target_img).view(B, K)

@@ -1,7 +1,8 @@
 """Dense plain-PyTorch reference of the soft rasterizer (spec soft_rasterizer.md §2–4, 5.4).
 
 Every pixel is tested against every face (O(B·S²·F), chunked over pixels), with the same
-float operations in the same order as the kernels' math header, so the two agree to rounding.
+float operations in the same order as the kernels' math header (including its precomputed
+reciprocals: ``x * (1/σ)`` where the spec writes ``x / σ``), so the two agree to rounding.
 Built as the spec's *gradient-equivalent surrogate* (§5.4): discrete choices (culling, closest
 point coefficients, clipped barycentrics, texel indices, the softmax maximum) are detached, so
 autograd through this function gives exactly the kernels' analytic gradient. Each chunk is
@@ -87,7 +88,7 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
         wm = torch.gather(w, -1, m[..., None])[..., 0]
         delta = torch.where(wm.detach() > 0, wm * wm, -(wm * wm))
         valid = inbox & ~(-delta.detach() >= threshold)
-        D = _sigmoid(delta / s.sigma_val, valid)
+        D = _sigmoid(delta * (1.0 / s.sigma_val), valid)
     else:
         strictly = ((w > 0) & (w < 1)).all(-1)
         sign = torch.where(strictly, 1.0, -1.0).to(dtype)
@@ -98,8 +99,8 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
             with torch.no_grad():
                 ex, ey = fx[..., a] - fx[..., b], fy[..., a] - fy[..., b]
                 len2 = ex * ex + ey * ey
-                t = torch.where(len2 > 0, ((X - fx[..., b]) * ex + (Y - fy[..., b]) * ey) / len2, 0.0)
-                t = t.clamp(0, 1)
+                inv_len2 = torch.where(len2 > 0, 1 / len2, 0.0)
+                t = (((X - fx[..., b]) * ex + (Y - fy[..., b]) * ey) * inv_len2).clamp(0, 1)
             qx = fx[..., b] + t * (fx[..., a] - fx[..., b]) - X
             qy = fy[..., b] + t * (fy[..., a] - fy[..., b]) - Y
             d2_edges.append(qx * qx + qy * qy)
@@ -107,7 +108,7 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
         nearest = d2_edges.detach().argmin(-1, keepdim=True)  # first minimum: ties keep the lower edge
         d2 = torch.gather(d2_edges, -1, nearest)[..., 0]
         valid = inbox & ~((sign < 0) & (d2.detach() >= threshold))
-        D = _sigmoid(sign * d2 / s.sigma_val, valid)
+        D = _sigmoid(sign * d2 * (1.0 / s.sigma_val), valid)
 
     if s.aggr_func_alpha == "prod":
         alpha = _ProdAlpha.apply(D)
@@ -118,9 +119,9 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
 
     with torch.no_grad():
         wb = w.clamp(1e-5, 1 - 1e-5)
-        wb = wb / (wb[..., 0] + wb[..., 1] + wb[..., 2]).clamp_min(1e-5)[..., None]  # kernel's summation order
-    z = face_vertices[..., 2][:, None]  # (B, 1, F, 3)
-    zp = 1 / (wb[..., 0] / z[..., 0] + wb[..., 1] / z[..., 1] + wb[..., 2] / z[..., 2])
+        wb = wb * (1 / (wb[..., 0] + wb[..., 1] + wb[..., 2]).clamp_min(1e-5))[..., None]  # kernel's order
+    inv_z = 1 / face_vertices[..., 2][:, None]  # (B, 1, F, 3)
+    zp = 1 / (wb[..., 0] * inv_z[..., 0] + wb[..., 1] * inv_z[..., 1] + wb[..., 2] * inv_z[..., 2])
     depth_ok = (zp.detach() >= s.near) & (zp.detach() <= s.far)
     facing = torch.ones_like(front) if s.double_side else front
     rgb_ok = valid & depth_ok & facing[:, None]
@@ -154,11 +155,13 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
         winner = torch.gather(color, 2, fbest[..., None, None].expand(-1, -1, 1, 3))[:, :, 0]
         rgb = torch.where(found[..., None], winner, bg)
     else:
-        zeta = (s.far - zp) / (s.far - s.near)
+        zeta = (s.far - zp) * (1.0 / (s.far - s.near))
+        if not s.rgb_geometry_grad:  # RGB as if the geometry were detached; alpha keeps its gradient
+            zeta, D = zeta.detach(), D.detach()
         with torch.no_grad():
             zeta_ok = torch.where(rgb_ok, zeta, torch.full_like(zeta, -math.inf))
             smax = zeta_ok.max(-1).values.clamp_min(s.eps)  # (B, P)
-        exponent = torch.where(rgb_ok, (zeta - smax[..., None]) / s.gamma_val, -math.inf)
+        exponent = torch.where(rgb_ok, (zeta - smax[..., None]) * (1.0 / s.gamma_val), -math.inf)
         weight = torch.exp(exponent) * D
         bg_weight = torch.exp((2 * s.eps - smax) / s.gamma_val)  # background as closeness 2·eps (§3.8)
         ssum = bg_weight + weight.sum(-1)
@@ -166,7 +169,7 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
         if s.return_p2f:
             with torch.no_grad():
                 running = torch.cummax(zeta_ok, dim=-1).values.clamp_min(s.eps)
-                u = torch.where(rgb_ok, torch.exp((zeta - running) / s.gamma_val) * D, torch.zeros_like(D))
+                u = torch.where(rgb_ok, torch.exp((zeta - running) * (1.0 / s.gamma_val)) * D, torch.zeros_like(D))
                 S = s.image_size
                 if s.p2f_align_corners:
                     gx, gy = (-1 + 2 * cols.to(dtype) / max(S - 1, 1), -1 + 2 * rows.to(dtype) / max(S - 1, 1))

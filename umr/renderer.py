@@ -73,6 +73,9 @@ class RasterSettings:
         return_p2f: also compute SoftRas/UMR's ``p2f`` (softmax RGB only; zero otherwise).
         p2f_align_corners: pixel-grid convention of ``p2f`` (True = the original's).
         binning: skip far faces by screen tiles (False: every pixel visits every face; for tests).
+        rgb_geometry_grad: False makes the RGB image pass gradients to the textures only, as if
+            the geometry were detached, while alpha keeps its geometry gradient (one render then
+            serves a silhouette loss and a texture loss that must not move the shape).
     """
 
     image_size: int = 256
@@ -91,6 +94,7 @@ class RasterSettings:
     return_p2f: bool = False
     p2f_align_corners: bool = True
     binning: bool = True
+    rgb_geometry_grad: bool = True
 
     def __post_init__(self):
         for name, table in (
@@ -163,6 +167,7 @@ class _SoftRasterize(torch.autograd.Function):
             *settings._kernel_args(),
             settings.p2f_align_corners,
             settings.binning,
+            settings.rgb_geometry_grad,
         )
         return (grad_fv if ctx.needs_input_grad[0] else None, grad_tex if ctx.needs_input_grad[1] else None, None)
 
@@ -267,6 +272,7 @@ class SoftRenderer(nn.Module):
         textures: surface (B, F, T, T, 3) / (B, F, T*T, 3) per-face colours, or vertex (B, V, 3)
             colours (with ``texture_type='vertex'``); None = white.
         return_p2f: also return SoftRas' p2f (softmax RGB only).
+        rgb_geometry_grad: see :class:`RasterSettings`.
     Returns:
         :class:`RasterOutput` with ``image`` (B, 4, N, N) at the output size and
         ``face_index``/``depth`` at the raster size (2N with anti-aliasing).
@@ -338,12 +344,13 @@ class SoftRenderer(nn.Module):
         directional = normals.new_tensor(self.light_color_directional) * self.light_intensity_directional
         return ambient + directional * cosine
 
-    def forward(self, verts, faces, cams, textures=None, return_p2f: bool = False) -> RasterOutput:
+    def forward(self, verts, faces, cams, textures=None, return_p2f: bool = False,
+                rgb_geometry_grad: bool = True) -> RasterOutput:
         screen = orthographic_proj_withz(verts, cams, offset_z=self.z_offset)
         # The rasterizer's y axis points up, UMR's image y down: flip so rows line up (§0.1).
         screen = screen * screen.new_tensor([1.0, -1.0, 1.0])
         face_verts = gather_face_vertices(screen, faces)  # lighting uses the flipped, unshifted frame
-        settings = replace(self.settings, return_p2f=return_p2f)
+        settings = replace(self.settings, return_p2f=return_p2f, rgb_geometry_grad=rgb_geometry_grad)
         if settings.texture_type == "vertex":
             if textures is None:
                 raise ValueError("SoftRenderer: texture_type='vertex' needs per-vertex colours (B, V, 3)")
@@ -352,7 +359,11 @@ class SoftRenderer(nn.Module):
             face_textures = gather_face_vertices(lit, faces)
         else:
             textures = _prepare_textures(face_verts, textures, settings)
-            face_textures = textures * self._light(_unit(_face_cross(face_verts)))[:, :, None, :]
+            if self.light_intensity_directional == 0:  # ambient only: no normals needed
+                light = face_verts.new_tensor(self.light_color_ambient) * self.light_intensity_ambient
+                face_textures = textures * light
+            else:
+                face_textures = textures * self._light(_unit(_face_cross(face_verts)))[:, :, None, :]
         face_verts = face_verts + face_verts.new_tensor([0.0, 0.0, self.eye_distance])
         out = soft_rasterize(face_verts, face_textures, settings)
         image = F.avg_pool2d(out.image, 2) if self.anti_aliasing else out.image

@@ -184,12 +184,14 @@ class Trainer:
             )
         self.dataset = SampleNoise(dataset, model.encoder.mean_fc[-1].out_features, settings.seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        # fused implementations: on CPU the default Adam step over the 85M parameters takes ~1 s
         if settings.use_sgd:
-            self.optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.beta1)
+            self.optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.beta1, foreach=True)
         else:
             disc = objective.discriminator
             params += [p for p in (disc.parameters() if disc is not None else []) if p.requires_grad]
-            self.optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(settings.beta1, 0.999))
+            self.optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(settings.beta1, 0.999),
+                                              fused=True)
         self.run_dir = Path(settings.checkpoint_dir) / settings.name
         self.vis_dir = Path(settings.vis_dir) / settings.name
         self.extra_state = extra_state or {}

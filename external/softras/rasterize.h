@@ -18,6 +18,7 @@ struct RasterConfig {
   int dist_func, aggr_rgb, aggr_alpha, texture_type;
   bool double_side, return_p2f, p2f_align_corners;
   bool binning;  // false: every tile lists every face (the unbinned reference computation)
+  bool rgb_geometry_grad;  // backward only, see rasterize_math.h
 };
 
 template <typename T>
@@ -33,11 +34,15 @@ Settings<T> make_settings(const RasterConfig& cfg, int num_faces, int texels) {
   s.texture_type = cfg.texture_type;
   s.double_side = cfg.double_side;
   s.p2f_align_corners = cfg.p2f_align_corners;
+  s.rgb_geometry_grad = cfg.rgb_geometry_grad;
   s.near = T(cfg.near);
   s.far = T(cfg.far);
   s.eps = T(cfg.eps);
   s.sigma = T(cfg.sigma);
   s.gamma = T(cfg.gamma);
+  s.inv_sigma = T(1.0 / cfg.sigma);
+  s.inv_gamma = T(1.0 / cfg.gamma);
+  s.inv_depth_range = T(1.0 / (cfg.far - cfg.near));
   // ln(1/eps_d - 1) in double, then the product in the kernel's precision (spec §0)
   s.threshold = T(std::log(1.0 / cfg.dist_eps - 1.0)) * s.sigma;
   s.margin = std::sqrt(s.threshold);

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 #include <atomic>
 
 #include "rasterize.h"
@@ -71,6 +72,35 @@ inline TileBox tile_box(int64_t item, int64_t nt, int S) {
   return box;
 }
 
+// Pixel-centre coordinates of a tile's columns and rows (computed once per tile, not per pair).
+template <typename T>
+struct TileCoords {
+  T x[kTileSize], y[kTileSize];
+  TileCoords(const TileBox& box, int S) {
+    for (int i = 0; i < kTileSize; ++i) {
+      x[i] = pixel_x<T>(box.c0 + i, S);
+      y[i] = pixel_y<T>(box.r0 + i, S);
+    }
+  }
+};
+
+// The tile-relative rows and columns (inclusive) where a face passes the exact bounding-box
+// test: the test is separable, so it is applied once per row and column instead of per pixel.
+struct Span {
+  int r0, r1, c0, c1;
+};
+
+template <typename T>
+Span box_span(const T* info, const int* range, const TileBox& box, const TileCoords<T>& xy, const Settings<T>& s) {
+  Span span{std::max(range[2], box.r0) - box.r0, std::min(range[3], box.r1 - 1) - box.r0,
+            std::max(range[0], box.c0) - box.c0, std::min(range[1], box.c1 - 1) - box.c0};
+  while (span.r0 <= span.r1 && !in_y_box(info, xy.y[span.r0], s)) ++span.r0;
+  while (span.r1 >= span.r0 && !in_y_box(info, xy.y[span.r1], s)) --span.r1;
+  while (span.c0 <= span.c1 && !in_x_box(info, xy.x[span.c0], s)) ++span.c0;
+  while (span.c1 >= span.c0 && !in_x_box(info, xy.x[span.c1], s)) --span.c1;
+  return span;
+}
+
 template <typename T>
 void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t* offsets, const int32_t* bins,
                    int64_t B, int64_t F, const Settings<T>& s, bool return_p2f, T* image, int64_t* face_index,
@@ -81,23 +111,25 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
     PixelState<T> state[kTileSize * kTileSize];
     for (int64_t item = begin; item < end; ++item) {
       const TileBox box = tile_box(item, nt, S);
+      const TileCoords<T> xy(box, S);
       for (int i = 0; i < kTileSize * kTileSize; ++i) init_pixel(s, state[i]);
       for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
         const int f = bins[k];
         const int64_t face = box.b * F + f;
         const T* finfo = info + kFaceInfoSize * face;
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
-        const int* range = ranges + 4 * face;
+        const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
         T p2f_sum[3] = {T(0), T(0), T(0)};
-        for (int r = std::max(range[2], box.r0); r <= std::min(range[3], box.r1 - 1); ++r) {
-          const T py = pixel_y<T>(r, S);
-          for (int c = std::max(range[0], box.c0); c <= std::min(range[1], box.c1 - 1); ++c) {
+        for (int r = span.r0; r <= span.r1; ++r) {
+          for (int c = span.c0; c <= span.c1; ++c) {
+            PixelState<T>& pixel = state[r * kTileSize + c];
+            if (face_is_inert(finfo, s, pixel)) continue;
             Coverage<T> cov;
-            if (!eval_coverage(finfo, pixel_x<T>(c, S), py, s, cov)) continue;
-            const T u = update_pixel(finfo, ftex, f, cov, s, state[(r - box.r0) * kTileSize + (c - box.c0)]);
+            if (!eval_coverage<T, true>(finfo, xy.x[c], xy.y[r], s, cov)) continue;
+            const T u = update_pixel(finfo, ftex, f, cov, s, pixel);
             if (return_p2f && u != T(0)) {
               T g[2];
-              p2f_grid(r, c, s, g);
+              p2f_grid(box.r0 + r, box.c0 + c, s, g);
               p2f_sum[0] += u * g[0];
               p2f_sum[1] += u * g[1];
               p2f_sum[2] += u;
@@ -126,43 +158,77 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
   });
 }
 
+// What the backward needs of one pixel, gathered once per tile.
+template <typename T>
+struct SavedPixel {
+  T g[4], rgba[4];
+  T ssum, smax;
+  int fbest;
+  bool any_grad;
+};
+
 template <typename T>
 void backward_tiles(const T* grad_image, const T* tex, const T* image, const int64_t* face_index,
                     const T* softmax_sum, const T* softmax_max, const T* info, const int* ranges, const int64_t* offsets,
                     const int32_t* bins, int64_t B, int64_t F, const Settings<T>& s, T* grad_fv, T* grad_tex) {
   const int S = s.image_size;
   const int64_t nt = num_tiles(S), plane = int64_t(S) * S;
+  const bool softmax = s.aggr_rgb == RGB_SOFTMAX;
   at::parallel_for(0, B * nt * nt, 1, [&](int64_t begin, int64_t end) {
+    SavedPixel<T> saved[kTileSize * kTileSize];
+    // a face's texture gradient within a tile, added to the shared one once (fewer atomics)
+    std::vector<T> tex_acc(size_t(s.texels) * 3, T(0));
+    std::vector<int> touched;
+    touched.reserve(s.texels);
     for (int64_t item = begin; item < end; ++item) {
       const TileBox box = tile_box(item, nt, S);
+      const TileCoords<T> xy(box, S);
+      for (int r = box.r0; r < box.r1; ++r) {
+        for (int c = box.c0; c < box.c1; ++c) {
+          SavedPixel<T>& p = saved[(r - box.r0) * kTileSize + (c - box.c0)];
+          const int64_t pix = int64_t(r) * S + c;
+          p.any_grad = false;
+          for (int j = 0; j < 4; ++j) {
+            p.g[j] = grad_image[(box.b * 4 + j) * plane + pix];
+            p.rgba[j] = image[(box.b * 4 + j) * plane + pix];
+            p.any_grad = p.any_grad || p.g[j] != T(0);
+          }
+          p.ssum = softmax ? softmax_sum[box.b * plane + pix] : T(1);
+          p.smax = softmax ? softmax_max[box.b * plane + pix] : T(0);
+          p.fbest = int(face_index[box.b * plane + pix]);
+        }
+      }
       for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
         const int f = bins[k];
         const int64_t face = box.b * F + f;
         const T* finfo = info + kFaceInfoSize * face;
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
-        const int* range = ranges + 4 * face;
+        T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
+        const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
         T grad_face[9] = {};
-        for (int r = std::max(range[2], box.r0); r <= std::min(range[3], box.r1 - 1); ++r) {
-          const T py = pixel_y<T>(r, S);
-          for (int c = std::max(range[0], box.c0); c <= std::min(range[1], box.c1 - 1); ++c) {
-            const int64_t pix = box.b * plane + int64_t(r) * S + c;
-            T g[4], rgba[4];
-            for (int j = 0; j < 4; ++j) {
-              g[j] = grad_image[(box.b * 4 + j) * plane + int64_t(r) * S + c];
-              rgba[j] = image[(box.b * 4 + j) * plane + int64_t(r) * S + c];
-            }
-            if (g[0] == T(0) && g[1] == T(0) && g[2] == T(0) && g[3] == T(0)) continue;
+        for (int r = span.r0; r <= span.r1; ++r) {
+          for (int c = span.c0; c <= span.c1; ++c) {
+            const SavedPixel<T>& p = saved[r * kTileSize + c];
+            if (!p.any_grad || pair_is_inert(finfo, f, s, p.g, p.rgba, p.smax, p.fbest)) continue;
             Coverage<T> cov;
-            if (!eval_coverage(finfo, pixel_x<T>(c, S), py, s, cov)) continue;
-            const bool softmax = s.aggr_rgb == RGB_SOFTMAX;
+            if (!eval_coverage<T, true>(finfo, xy.x[c], xy.y[r], s, cov)) continue;
             TextureGrad<T> tg;
-            backward_pair(finfo, ftex, f, cov, s, g, rgba, softmax ? softmax_sum[pix] : T(1),
-                          softmax ? softmax_max[pix] : T(0), int(face_index[pix]), grad_face, tg);
-            T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
-            for (int i = 0; i < tg.count; ++i)
-              for (int j = 0; j < 3; ++j) atomic_add(gtex + 3 * tg.index[i] + j, tg.weight[i] * g[j]);
+            backward_pair(finfo, ftex, f, cov, s, p.g, p.rgba, p.ssum, p.smax, p.fbest, grad_face, tg);
+            for (int i = 0; i < tg.count; ++i) {
+              T* acc = tex_acc.data() + 3 * tg.index[i];
+              if (acc[0] == T(0) && acc[1] == T(0) && acc[2] == T(0)) touched.push_back(tg.index[i]);
+              for (int j = 0; j < 3; ++j) acc[j] += tg.weight[i] * p.g[j];
+            }
           }
         }
+        for (const int texel : touched) {
+          for (int j = 0; j < 3; ++j) {
+            T& acc = tex_acc[3 * texel + j];
+            if (acc != T(0)) atomic_add(gtex + 3 * texel + j, acc);
+            acc = T(0);
+          }
+        }
+        touched.clear();
         for (int j = 0; j < 9; ++j)
           if (grad_face[j] != T(0)) atomic_add(grad_fv + 9 * face + j, grad_face[j]);
       }

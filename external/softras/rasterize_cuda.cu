@@ -60,6 +60,7 @@ __global__ void forward_kernel(const T* __restrict__ tex, const T* __restrict__ 
   for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
     const int f = bins[k];
     const int64_t face = b * F + f;
+    if (face_is_inert(info + kFaceInfoSize * face, s, state)) continue;
     Coverage<T> cov;
     if (!eval_coverage(info + kFaceInfoSize * face, px, py, s, cov)) continue;
     const T u = update_pixel(info + kFaceInfoSize * face, tex + int64_t(s.texels) * 3 * face, f, cov, s, state);
@@ -109,6 +110,7 @@ __global__ void backward_kernel(const T* __restrict__ grad_image, const T* __res
     const int f = bins[k];
     const int64_t face = b * F + f;
     const T* finfo = info + kFaceInfoSize * face;
+    if (pair_is_inert(finfo, f, s, g, rgba, smax, fbest)) continue;
     Coverage<T> cov;
     if (!eval_coverage(finfo, px, py, s, cov)) continue;
     T grad_face[9] = {};

@@ -30,7 +30,16 @@ constexpr int kTileSize = 16;
 //   [18, 22) bounding box xmin xmax ymin ymax (not expanded)
 //   [22]     1 if front-facing (signed area < 0), else 0
 //   [23]     1 if every coordinate is finite, else 0 (such faces are never rasterized)
-constexpr int kFaceInfoSize = 24;
+//   [24, 27) heights h_k: distance from vertex k to the line of the opposite edge (0 if degenerate)
+//   [27, 30) 1 / z_k
+//   [30, 33) 1 / |p_k − p_{k+1}|² (0 for a zero-length edge)
+//   [33]     smallest vertex depth, lowered by a relative 1e-6 (a safe lower bound of the
+//            interpolated depth at any pixel)
+//   [34]     1 if the determinant was not clamped (A is the exact inverse), else 0
+//   [35]     unused
+// Reciprocals are precomputed so the per-pixel math multiplies instead of dividing; the
+// PyTorch reference does the same arithmetic.
+constexpr int kFaceInfoSize = 36;
 
 // Depth of an empty z-buffer (spec §3.0) and the hard-z-buffer "no face" index.
 constexpr double kEmptyDepth = 1e7;
@@ -47,7 +56,9 @@ struct Settings {
   int texture_type;
   bool double_side;
   bool p2f_align_corners;
+  bool rgb_geometry_grad;  // false: RGB sends gradients to the textures only, alpha to the geometry
   T near, far, eps, sigma, gamma;
+  T inv_sigma, inv_gamma, inv_depth_range;  // 1/sigma, 1/gamma, 1/(far - near)
   T threshold;  // tau = ln(1/dist_eps - 1) * sigma, on the squared distance
   T margin;     // rho = sqrt(tau), bounding-box culling margin
   T bg[3];
@@ -70,8 +81,16 @@ UMR_HD T umr_clamp(T v, T lo, T hi) { return umr_min(umr_max(v, lo), hi); }
 template <typename T>
 UMR_HD bool umr_isfinite(T x) { return x == x && x - x == T(0); }  // false for NaN and +-inf
 
+// Above this argument 1 / (1 + exp(-x)) rounds to exactly 1 (exp(-x) is below half an ulp of 1).
 template <typename T>
-UMR_HD T sigmoid(T x) { return T(1) / (T(1) + umr_exp(-x)); }
+UMR_HD T sigmoid_saturation();
+template <>
+UMR_HD float sigmoid_saturation<float>() { return 17.5f; }
+template <>
+UMR_HD double sigmoid_saturation<double>() { return 38.0; }
+
+template <typename T>
+UMR_HD T sigmoid(T x) { return x > sigmoid_saturation<T>() ? T(1) : T(1) / (T(1) + umr_exp(-x)); }
 
 template <typename T>
 UMR_HD T pixel_x(int c, int S) { return T(2 * c + 1 - S) / T(S); }
@@ -105,6 +124,38 @@ UMR_HD void setup_face(const T* v, T* info) {
   info[21] = umr_max(y0, umr_max(y1, y2));
   info[22] = det < T(0) ? T(1) : T(0);
   info[23] = finite ? T(1) : T(0);
+  // w_k * h_k is the signed distance to the line of the edge opposite vertex k
+  const T area2 = det < T(0) ? -det : det;
+  for (int k = 0; k < 3; ++k) {
+    const T ex = info[3 * ((k + 2) % 3)] - info[3 * ((k + 1) % 3)];
+    const T ey = info[3 * ((k + 2) % 3) + 1] - info[3 * ((k + 1) % 3) + 1];
+    const T len = sqrt(ex * ex + ey * ey);
+    info[24 + k] = len > T(0) ? area2 / len : T(0);
+    info[27 + k] = T(1) / v[3 * k + 2];
+    const T fx = v[3 * k] - v[3 * ((k + 1) % 3)], fy = v[3 * k + 1] - v[3 * ((k + 1) % 3) + 1];
+    const T len2 = fx * fx + fy * fy;
+    info[30 + k] = len2 > T(0) ? T(1) / len2 : T(0);
+  }
+  const T zmin = umr_min(v[2], umr_min(v[5], v[8]));
+  info[33] = zmin * (zmin > T(0) ? T(1) - T(1e-6) : T(1) + T(1e-6));
+  info[34] = (det > T(1e-10) || det < T(-1e-10)) ? T(1) : T(0);
+  info[35] = T(0);
+}
+
+// exp(x) is exactly 0 below this argument (float: under the smallest denormal).
+template <typename T>
+UMR_HD T exp_underflow();
+template <>
+UMR_HD float exp_underflow<float>() { return -110.0f; }
+template <>
+UMR_HD double exp_underflow<double>() { return -760.0; }
+
+// Is the softmax weight of a face (nearest point at depth info[33]) exactly 0 at a pixel whose
+// running or final maximum closeness is smax, without the face raising that maximum?
+template <typename T>
+UMR_HD bool softmax_weight_underflows(const T* info, const Settings<T>& s, T smax) {
+  const T zeta_max = (s.far - info[33]) * s.inv_depth_range;
+  return zeta_max <= smax && (zeta_max - smax) * s.inv_gamma < exp_underflow<T>();
 }
 
 // §8: inclusive pixel range [c_lo, c_hi] x [r_lo, r_hi] that the face's expanded bounding box
@@ -148,12 +199,21 @@ struct Coverage {
   bool inside;   // closed inside test 0 <= w_k <= 1 (hard distance, z-buffer winner)
 };
 
-// §3.1-3.3. Returns false when the face is culled for this pixel (no alpha, RGB or p2f).
+// §3.1: the expanded bounding-box test (strict comparisons: a pixel on the border is kept).
 template <typename T>
+UMR_HD bool in_x_box(const T* info, T px, const Settings<T>& s) {
+  return !(px > info[19] + s.margin || px < info[18] - s.margin);
+}
+template <typename T>
+UMR_HD bool in_y_box(const T* info, T py, const Settings<T>& s) {
+  return !(py > info[21] + s.margin || py < info[20] - s.margin);
+}
+
+// §3.1-3.3. Returns false when the face is culled for this pixel (no alpha, RGB or p2f).
+// box_checked: the caller already applied the bounding-box test.
+template <typename T, bool box_checked = false>
 UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Coverage<T>& cov) {
-  if (px > info[19] + s.margin || px < info[18] - s.margin || py > info[21] + s.margin ||
-      py < info[20] - s.margin)
-    return false;
+  if (!box_checked && !(in_x_box(info, px, s) && in_y_box(info, py, s))) return false;
   cov.sign = T(1);
   cov.m = 0;
   for (int k = 0; k < 3; ++k) cov.coef[k] = T(0);
@@ -172,7 +232,7 @@ UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Cover
     const T wm = cov.w[cov.m];
     const T delta = wm > T(0) ? wm * wm : -wm * wm;
     if (-delta >= s.threshold) return false;
-    cov.D = sigmoid(delta / s.sigma);
+    cov.D = sigmoid(delta * s.inv_sigma);
     return true;
   }
   // Euclidean: squared distance to the closed triangle's boundary, as the minimum over the
@@ -181,14 +241,27 @@ UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Cover
   // regions), without its out-of-bounds case; ties keep the lower edge index.
   const bool strictly_inside = w0 > T(0) && w0 < T(1) && w1 > T(0) && w1 < T(1) && w2 > T(0) && w2 < T(1);
   cov.sign = strictly_inside ? T(1) : T(-1);
+  if (!strictly_inside) {
+    // Quick cull of most outside pairs: the distance to the triangle is at least the distance
+    // -w_k h_k to the line of an edge the pixel lies beyond. Only clear cases (beyond the
+    // margin by a relative 1e-4) are decided here; the exact test below decides the rest.
+    const T* h = info + 24;
+    const T limit = s.margin * T(1.0001);
+    if (-w0 * h[0] > limit || -w1 * h[1] > limit || -w2 * h[2] > limit) return false;
+  }
   T best = T(1e8);
+  // Outside a proper triangle the closest point lies on an edge whose line the pixel is beyond
+  // (or on): edge (k, k+1) is the one opposite vertex k+2. Vertex regions are covered too (a
+  // pixel nearest to a vertex lies beyond one of the two edge lines through it). Inside, and for
+  // degenerate faces (clamped determinant, meaningless w), every edge counts.
+  const bool skip_far_edges = !strictly_inside && info[34] != T(0);
   for (int k = 0; k < 3; ++k) {
+    if (skip_far_edges && cov.w[(k + 2) % 3] > T(0)) continue;
     const int a = k, b = (k + 1) % 3;
     const T xa = info[3 * a], ya = info[3 * a + 1], xb = info[3 * b], yb = info[3 * b + 1];
     const T ex = xa - xb, ey = ya - yb;
-    const T len2 = ex * ex + ey * ey;
     // t: weight of vertex a of the foot of the perpendicular; a zero-length edge is a point
-    T t = len2 > T(0) ? ((px - xb) * ex + (py - yb) * ey) / len2 : T(0);
+    T t = ((px - xb) * ex + (py - yb) * ey) * info[30 + k];
     t = umr_clamp(t, T(0), T(1));
     const T qx = xb + t * ex - px, qy = yb + t * ey - py;
     const T d2 = qx * qx + qy * qy;
@@ -202,7 +275,7 @@ UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Cover
     }
   }
   if (cov.sign < T(0) && best >= s.threshold) return false;
-  cov.D = sigmoid(cov.sign * best / s.sigma);
+  cov.D = sigmoid(cov.sign * best * s.inv_sigma);
   return true;
 }
 
@@ -214,9 +287,9 @@ UMR_HD T clipped_depth(const T* info, const T* w, T* wb) {
     wb[k] = umr_clamp(w[k], T(1e-5), T(1) - T(1e-5));
     sum += wb[k];
   }
-  sum = umr_max(sum, T(1e-5));
-  for (int k = 0; k < 3; ++k) wb[k] /= sum;
-  return T(1) / (wb[0] / info[2] + wb[1] / info[5] + wb[2] / info[8]);
+  const T inv_sum = T(1) / umr_max(sum, T(1e-5));
+  for (int k = 0; k < 3; ++k) wb[k] *= inv_sum;
+  return T(1) / (wb[0] * info[27] + wb[1] * info[28] + wb[2] * info[29]);
 }
 
 // §3.6: texel of a surface texture (R x R per face) at clipped barycentrics wb.
@@ -263,6 +336,17 @@ UMR_HD void init_pixel(const Settings<T>& s, PixelState<T>& p) {
   p.fbest = -1;
 }
 
+// Forward early-out: can face f change nothing at this pixel? True when alpha is saturated
+// (prod: the product is 0; hard: alpha is 1), the face cannot win the z-buffer and its softmax
+// weight underflows to 0. Exact: skipping it changes no bit of any output.
+template <typename T>
+UMR_HD bool face_is_inert(const T* info, const Settings<T>& s, const PixelState<T>& p) {
+  const bool alpha_saturated =
+      s.aggr_alpha == ALPHA_PROD ? p.alpha == T(0) : (s.aggr_alpha == ALPHA_HARD && p.alpha == T(1));
+  if (!alpha_saturated || !(info[33] >= p.zbest)) return false;
+  return s.aggr_rgb == RGB_HARD || softmax_weight_underflows(info, s, p.smax);
+}
+
 // Adds face f (already through eval_coverage) to the pixel; faces must come in ascending f.
 // Returns the p2f weight u = e * D of the pair (0 when the face does not enter the softmax).
 template <typename T>
@@ -291,13 +375,15 @@ UMR_HD T update_pixel(const T* info, const T* tex, int f, const Coverage<T>& cov
     return T(0);
   }
   face_color(tex, wb, s, color);
-  const T zeta = (s.far - zp) / (s.far - s.near);
-  T rescale = T(1);
-  if (zeta > p.smax) {
-    rescale = umr_exp((p.smax - zeta) / s.gamma);
+  const T zeta = (s.far - zp) * s.inv_depth_range;
+  T rescale = T(1), u;
+  if (zeta > p.smax) {  // a new maximum: its own weight is exp(0) = 1
+    rescale = umr_exp((p.smax - zeta) * s.inv_gamma);
     p.smax = zeta;
+    u = cov.D;
+  } else {
+    u = umr_exp((zeta - p.smax) * s.inv_gamma) * cov.D;
   }
-  const T u = umr_exp((zeta - p.smax) / s.gamma) * cov.D;
   p.ssum = rescale * p.ssum + u;
   for (int k = 0; k < 3; ++k) p.color[k] = rescale * p.color[k] + u * color[k];
   return u;
@@ -329,6 +415,19 @@ UMR_HD void p2f_grid(int r, int c, const Settings<T>& s, T* g) {
   }
 }
 
+// Backward early-out: is every gradient of the pair (pixel, face f) exactly 0? True when the
+// alpha term vanishes (no alpha gradient, or prod alpha saturated at 1) and the RGB term does
+// (no RGB gradient, not the hard winner, or a softmax weight that underflows).
+template <typename T>
+UMR_HD bool pair_is_inert(const T* info, int f, const Settings<T>& s, const T* g, const T* rgba, T smax, int fbest) {
+  const bool no_alpha = s.aggr_alpha == ALPHA_PROD  ? (g[3] == T(0) || rgba[3] == T(1))
+                        : s.aggr_alpha == ALPHA_SUM ? g[3] == T(0)
+                                                    : true;
+  if (!no_alpha) return false;
+  if (g[0] == T(0) && g[1] == T(0) && g[2] == T(0)) return true;
+  return s.aggr_rgb == RGB_HARD ? f != fbest : softmax_weight_underflows(info, s, smax);
+}
+
 // Texture-gradient targets of one pair: grad_tex[index[i]][k] += weight[i] * g_k.
 template <typename T>
 struct TextureGrad {
@@ -340,6 +439,9 @@ struct TextureGrad {
 // §5.2: gradient of one (pixel, face) pair. g: incoming RGBA gradient at the pixel; rgba: the
 // pixel's forward output; ssum, smax, fbest: the pixel's saved softmax state and z-buffer
 // winner. Adds to grad_face (9 values, x y z per vertex) and describes the texture gradient.
+// With rgb_geometry_grad false the RGB image is treated as if the geometry were detached (its
+// gradient reaches the textures only), while alpha keeps its geometry gradient: one render then
+// serves both a silhouette loss and a texture loss that must not move the shape.
 // Where the original is undefined or drops a term by accident, the intended rule is used:
 // one-hot texel gradient (§5.3.6), zero gradient of hard alpha, and faces outside [near, far]
 // keep their alpha gradient (they do feed alpha in the forward).
@@ -360,14 +462,16 @@ UMR_HD void backward_pair(const T* info, const T* tex, int f, const Coverage<T>&
     if (s.aggr_rgb == RGB_SOFTMAX) {
       T color[3];
       face_color(tex, wb, s, color);
-      const T zeta = (s.far - zp) / (s.far - s.near);
-      const T weight_over_D = umr_exp((zeta - smax) / s.gamma) / ssum;  // omega / D
+      const T zeta = (s.far - zp) * s.inv_depth_range;
+      const T weight_over_D = umr_exp((zeta - smax) * s.inv_gamma) / ssum;  // omega / D
       const T omega = weight_over_D * cov.D;
       const T lam = g[0] * (color[0] - rgba[0]) + g[1] * (color[1] - rgba[1]) + g[2] * (color[2] - rgba[2]);
-      dD += weight_over_D * lam;
-      // closeness -> depth -> vertex depths, clipped barycentrics held fixed (§5.3.2)
-      const T dz = omega * lam / s.gamma / (s.near - s.far) * zp * zp;
-      for (int i = 0; i < 3; ++i) grad_face[3 * i + 2] += dz * wb[i] / (info[3 * i + 2] * info[3 * i + 2]);
+      if (s.rgb_geometry_grad) {
+        dD += weight_over_D * lam;
+        // closeness -> depth -> vertex depths, clipped barycentrics held fixed (§5.3.2)
+        const T dz = -omega * lam * s.inv_gamma * s.inv_depth_range * zp * zp;
+        for (int i = 0; i < 3; ++i) grad_face[3 * i + 2] += dz * wb[i] * info[27 + i] * info[27 + i];
+      }
       if (s.texture_type == TEX_SURFACE) {
         tg.count = 1;
         tg.index[0] = surface_texel(wb, s.tex_res);
@@ -394,7 +498,8 @@ UMR_HD void backward_pair(const T* info, const T* tex, int f, const Coverage<T>&
     }
   }
   if (s.dist_func == DIST_HARD || dD == T(0)) return;
-  const T d_eta = dD * cov.D * (T(1) - cov.D) / s.sigma;  // through the sigmoid
+  const T d_eta = dD * cov.D * (T(1) - cov.D) * s.inv_sigma;  // through the sigmoid
+  if (d_eta == T(0)) return;  // saturated coverage (D is exactly 0 or 1)
   if (s.dist_func == DIST_EUCLIDEAN) {
     const T k = T(2) * cov.sign * d_eta;
     for (int i = 0; i < 3; ++i) {

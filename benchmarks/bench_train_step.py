@@ -1,0 +1,141 @@
+"""Seconds per train_s2 iteration on CPU and where they go; prints one JSON line.
+
+Setting: 128 px images, batch 8, 8 camera hypotheses, every loss on (texture loss l1, GAN, part
+and vertex losses), a bird-like template, a synthetic data set generated on the fly, data
+loading in the main process.
+
+Keys: ``s_per_iter`` (median), ``peak_rss_gib``; shares of the step: ``share_render`` (renderer
+forward + rasterizer backward), ``share_encoder`` (encoder forward + backward),
+``share_losses`` (computing the loss terms, rendering excluded), ``share_data`` (loading the
+batch), ``share_other`` (the rest: predictors' backward, losses' backward, optimiser).
+
+    python -m benchmarks.bench_train_step [--iters 6] [--img_size 128] [--batch_size 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import synth_birds
+from data.cub import CUBDataset
+from umr import renderer as R
+from umr.distributed import Context
+from umr.losses import PART_NAMES
+from umr.nets import Discriminator, MeshNet
+from umr.objectives import ObjectiveConfig, Stage2Objective
+from umr.trainer import Trainer, TrainSettings
+
+
+class Clock:
+    """Accumulates wall time of wrapped callables by category."""
+
+    def __init__(self):
+        self.totals = {}
+
+    def add(self, key, seconds):
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+    def wrap(self, key, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(key, time.perf_counter() - start)
+
+        return timed
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--img_size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="umr_bench_"))
+    synth_birds.generate(work, seed=0, photo_size=256, workers=1, progress=False,
+                         num_train=args.batch_size * (args.iters + 2), num_val=0, num_test=0)
+    dataset = CUBDataset(work / "CUB_200_2011", work / "cachedir" / "cub", img_size=args.img_size, scops_path=work / "scops")
+    # a bird-like stage-1 template (the unit sphere would fill the whole frame at scale 1)
+    from umr.mesh import symmetric_template
+
+    half = torch.from_numpy(symmetric_template().verts[:337]).float() * torch.tensor([1.0, 0.55, 0.6])
+    model = MeshNet(stage=2, img_size=args.img_size, pretrained_encoder=False, mean_shape=half)
+    labels = torch.randint(0, 5, (1280, 36), generator=torch.Generator().manual_seed(0))
+    parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(PART_NAMES)}
+    config = ObjectiveConfig.for_stage(2, image_size=args.img_size, texture_loss="l1")
+    objective = Stage2Objective(model, config, labels, parts, Discriminator(0.2, 3, args.img_size))
+    settings = TrainSettings(batch_size=args.batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
+                             vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)
+    trainer = Trainer(settings, model, objective, dataset, Context(0, 1, 0, torch.device("cpu")))
+
+    clock = Clock()
+    C = R._kernels()
+    C.forward, C.backward = clock.wrap("render_kernel_fwd", C.forward), clock.wrap("render_bwd", C.backward)
+    R.SoftRenderer.forward = clock.wrap("render_fwd", R.SoftRenderer.forward)
+    encoder_forward = model.encoder.forward
+    marks = {}
+
+    def encoder_timed(img):
+        start = time.perf_counter()
+        outputs = encoder_forward(img)
+        clock.add("encoder_fwd", time.perf_counter() - start)
+        for t in outputs:  # the encoder's backward starts once all its outputs have their gradient
+            t.register_hook(lambda g: marks.__setitem__("encoder_bwd_start", time.perf_counter()))
+        return outputs
+
+    model.encoder.forward = encoder_timed
+    objective_forward = objective.forward
+    objective.forward = clock.wrap("objective_fwd", objective_forward)
+
+    loader = iter(trainer.loader(0))
+    step_times, records = [], []
+    for it in range(args.iters + 1):
+        clock.totals.clear()
+        start = time.perf_counter()
+        batch = next(loader)
+        t_data = time.perf_counter() - start
+        total, terms, out = trainer.step_module(batch, 0)
+        t_backward = time.perf_counter()
+        total.backward()
+        t_backward_end = time.perf_counter()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        if it == 0:
+            continue  # warm-up
+        t = dict(clock.totals)
+        if it == 1 and __import__("os").environ.get("UMR_BENCH_DEBUG"):
+            print({k: round(v, 3) for k, v in t.items()}, "backward", round(t_backward_end - t_backward, 3), "total", round(elapsed, 3))
+        render = t.get("render_fwd", 0) + t.get("render_bwd", 0)
+        encoder = t.get("encoder_fwd", 0) + (t_backward_end - marks.get("encoder_bwd_start", t_backward_end))
+        losses = t.get("objective_fwd", 0) - t.get("render_fwd", 0)
+        step_times.append(elapsed)
+        records.append({"render": render / elapsed, "encoder": encoder / elapsed, "losses": losses / elapsed,
+                        "data": t_data / elapsed})
+    shares = {k: statistics.median(r[k] for r in records) for k in records[0]}
+    print(json.dumps({
+        "s_per_iter": round(statistics.median(step_times), 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "share_render": round(shares["render"], 3),
+        "share_encoder": round(shares["encoder"], 3),
+        "share_losses": round(shares["losses"], 3),
+        "share_data": round(shares["data"], 3),
+        "share_other": round(1 - sum(shares.values()), 3),
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
