@@ -19,7 +19,8 @@ photo with a varied background, off-centre. Written under ``--out``:
   (``--scops_path``); with ``--scops_format crop`` the original's per-crop
   ``<stem>_<index>.npy`` files instead;
 * ``gt/<split>.npz`` — 3-D truth per image: ``verts`` (N, V, 3) in the canonical frame,
-  ``faces``, ``face_parts``, ``kp3d`` (N, 15, 3), ``cam_rot`` (N, 3, 3) canonical → camera, and
+  ``faces``, ``face_parts``, ``kp3d`` (N, 15, 3), ``cam_rot`` (N, 3, 3) canonical → camera,
+  ``surface_points`` (N, 2048, 3) uniform on the outer surface (for Chamfer distances), and
   ``sfm_to_canonical`` (the fixed rotation between the sfm frame, symmetric about x as CMR's,
   and the canonical frame).
 
@@ -45,6 +46,7 @@ import torch
 from PIL import Image
 
 from umr import mesh as M
+from umr.evaluation import point_visibility
 from umr.geometry import matrix_to_quat
 from umr.renderer import SoftRenderer
 
@@ -98,6 +100,12 @@ class Ellipsoid:
     def point(self, direction) -> np.ndarray:
         u = np.asarray(direction, dtype=np.float64)
         return self.centre + self.rot @ (self.radii * u / np.linalg.norm(u))
+
+    def normal(self, direction) -> np.ndarray:
+        """Outward unit normal at :meth:`point` of the same direction."""
+        u = np.asarray(direction, dtype=np.float64)
+        n = self.rot @ (u / np.linalg.norm(u) / self.radii)
+        return n / np.linalg.norm(n)
 
     def inside(self, points: np.ndarray) -> np.ndarray:
         local = (points - self.centre) @ self.rot / self.radii
@@ -162,9 +170,10 @@ def species_palette(seed: int, species: int) -> dict:
 
 
 def build_bird(rng: np.random.Generator, palette: dict, light: np.ndarray):
-    """Mesh (verts, faces), shaded vertex colours, per-face part labels and 3-D keypoints."""
+    """Mesh (verts, faces), shaded vertex colours, per-face part labels, 3-D keypoints, and the
+    ellipsoids with each face's ellipsoid index."""
     prims = bird_shape(rng)
-    verts, faces, colours, parts = [], [], [], []
+    verts, faces, colours, parts, face_prim = [], [], [], [], []
     offset = 0
     jitter = rng.uniform(0.9, 1.1)
     noise_freq = rng.uniform(4, 9, size=(3, 3))
@@ -204,9 +213,29 @@ def build_bird(rng: np.random.Generator, palette: dict, light: np.ndarray):
         # a face takes the most common label of its vertices
         face_labels = label[tri]
         parts.append(np.where(face_labels[:, 1] == face_labels[:, 2], face_labels[:, 1], face_labels[:, 0]))
+        face_prim.append(np.full(len(tri), len(face_prim)))
         offset += len(pts)
     kp3d = np.stack([prims[name].point(direction) for name, direction in KEYPOINT_ANCHORS])
-    return np.concatenate(verts), np.concatenate(faces), np.concatenate(colours), np.concatenate(parts), kp3d
+    kp_normals = np.stack([prims[name].normal(direction) for name, direction in KEYPOINT_ANCHORS])
+    return (np.concatenate(verts), np.concatenate(faces), np.concatenate(colours), np.concatenate(parts), kp3d,
+            kp_normals, list(prims.values()), np.concatenate(face_prim))
+
+
+def outer_surface_points(rng, verts, faces, prims, face_prim, count: int = 2048) -> np.ndarray:
+    """``count`` points uniformly on the bird's outer surface: area-weighted samples of the
+    ellipsoid meshes, without those inside another ellipsoid (the union's hidden parts)."""
+    tri = verts[faces]
+    areas = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    idx = rng.choice(len(faces), size=4 * count, p=areas / areas.sum())
+    u = rng.random((4 * count, 2))
+    u[u.sum(1) > 1] = 1 - u[u.sum(1) > 1]
+    t = tri[idx]
+    pts = t[:, 0] + u[:, :1] * (t[:, 1] - t[:, 0]) + u[:, 1:] * (t[:, 2] - t[:, 0])
+    hidden = np.zeros(len(pts), dtype=bool)
+    for k, e in enumerate(prims):
+        hidden |= (face_prim[idx] != k) & e.inside(pts)
+    outer = pts[~hidden]
+    return outer[rng.choice(len(outer), size=count, replace=len(outer) < count)]
 
 
 def sample_view(rng: np.random.Generator) -> np.ndarray:
@@ -222,7 +251,8 @@ def sample_view(rng: np.random.Generator) -> np.ndarray:
         azimuth = rng.uniform(60, 120)  # from behind
     elevation = rng.uniform(-20, 60)
     roll = float(np.clip(rng.normal(0, 6), -15, 15))
-    return rot_z(math.radians(roll)) @ rot_x(-math.radians(elevation)) @ base @ rot_z(math.radians(azimuth))
+    # positive elevation tilts the bird's top towards the camera: seen from above
+    return rot_z(math.radians(roll)) @ rot_x(math.radians(elevation)) @ base @ rot_z(math.radians(azimuth))
 
 
 @lru_cache(maxsize=None)
@@ -303,7 +333,11 @@ def generate_one(task: tuple) -> dict:
     palette = species_palette(seed, species)
     rot = sample_view(rng)
     light_cam = np.array([rng.uniform(-0.5, 0.5), -0.8, -0.6])  # from above, towards the viewer
-    verts, faces, colours, face_parts, kp3d = build_bird(rng, palette, rot.T @ (light_cam / np.linalg.norm(light_cam)))
+    verts, faces, colours, face_parts, kp3d, kp_normals, prims, face_prim = build_bird(
+        rng, palette, rot.T @ (light_cam / np.linalg.norm(light_cam)))
+    # its own generator, so the truth's sampling does not change the photos of a seed
+    surface = outer_surface_points(np.random.default_rng([seed, SPLIT_IDS[split], index, 1]), verts, faces, prims,
+                                   face_prim)
 
     width = photo_size
     height = int(round(photo_size * rng.uniform(0.7, 1.0)))
@@ -338,14 +372,10 @@ def generate_one(task: tuple) -> dict:
     cam_pts = kp3d @ rot.T
     x_n = scale_n * cam_pts[:, 0] + trans_n[0]
     y_n = scale_n * cam_pts[:, 1] + trans_n[1]
-    depth = scale_n * cam_pts[:, 2] + 5 + 2.732
-    raster = 2 * window
-    cols = np.clip(np.round((x_n + 1) * raster / 2 - 0.5).astype(int), 0, raster - 1)
-    rows = np.clip(np.round((y_n + 1) * raster / 2 - 0.5).astype(int), 0, raster - 1)
-    zbuf = out.depth[0].numpy()
-    neighbourhood = np.stack([zbuf[np.clip(rows + dr, 0, raster - 1), np.clip(cols + dc, 0, raster - 1)]
-                              for dr in (-1, 0, 1) for dc in (-1, 0, 1)]).min(0)
-    visible = depth <= neighbourhood + 0.04 * scale_n
+    # visible: facing the camera and not behind other parts (the depth tolerance absorbs the steep
+    # depth change next to the silhouette's edge, where the facing test does the work)
+    facing = (kp_normals @ rot.T)[:, 2] < 0.25  # near the silhouette edge (e.g. a beak tip seen side-on) counts
+    visible = facing & point_visibility(torch.from_numpy(kp3d).float()[None], cam, out.depth, tol=0.1)[0].numpy()
     kp_x = ox + (x_n + 1) * window / 2 - 0.5
     kp_y = oy + (y_n + 1) * window / 2 - 0.5
     visible &= (kp_x >= 0) & (kp_x <= width - 1) & (kp_y >= 0) & (kp_y <= height - 1)
@@ -393,6 +423,7 @@ def generate_one(task: tuple) -> dict:
         "face_parts": face_parts,
         "kp3d": kp3d,
         "cam_rot": rot,
+        "surface_points": surface.astype(np.float32),
     }
 
 
@@ -421,6 +452,7 @@ def write_split(out_dir: Path, split: str, records: list) -> None:
         kp3d=np.stack([r["kp3d"] for r in records]) if records else np.zeros((0, 15, 3)),
         kp3d_sfm=kp_sfm,
         cam_rot=np.stack([r["cam_rot"] for r in records]) if records else np.zeros((0, 3, 3)),
+        surface_points=np.stack([r["surface_points"] for r in records]) if records else np.zeros((0, 2048, 3), np.float32),
         sfm_to_canonical=SFM_TO_CANONICAL,
         part_labels=np.array(PART_LABELS),
         keypoint_names=np.array(KEYPOINT_NAMES),

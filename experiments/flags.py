@@ -133,3 +133,7 @@ def define_test_flags():
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Device: CUDA if available (auto), or forced.")
     flags.DEFINE_integer("image_size", 256, "Render size; must equal --img_size.")
     flags.DEFINE_integer("max_eval_iter", 0, "Stop after this many batches (0: all).")
+    flags.DEFINE_boolean("oracle", False,
+                         "Synthetic data only: evaluate the true meshes and cameras instead of a model (checks the "
+                         "evaluation code; new flag).")
+    flags.DEFINE_string("gt_dir", "", "Synthetic data's 3-D truth (default: <cub_cache_dir>/../../gt).")

@@ -179,7 +179,7 @@ def test_mat_write_read_round_trip(tmp_path):
         "parts": np.arange(45, dtype=np.float64).reshape(3, 15), "class_id": 1, "sfm_scale": 2.5,
         "sfm_trans": np.array([1.0, 2.0]), "sfm_rot": np.eye(3), "verts": np.zeros((2, 3), np.float32),
         "faces": np.zeros((1, 3), np.int64), "face_parts": np.zeros(1, np.int64), "kp3d": np.ones((15, 3)),
-        "cam_rot": np.eye(3),
+        "cam_rot": np.eye(3), "surface_points": np.zeros((2048, 3), np.float32),
     }]
     synth_birds.write_split(tmp_path, "train", records)
     images = scipy.io.loadmat(tmp_path / "cachedir/cub/data/train_cub_cleaned.mat", struct_as_record=False, squeeze_me=True)["images"]

@@ -263,7 +263,8 @@ class SoftRenderer(nn.Module):
     Defaults are UMR's (spec model_training_eval.md §3.1): 256 px output rasterized at 512 and
     2x2 average-pooled, sigma 1e-5, gamma 1e-4, dist_eps 1e-10, black background, ambient 0.8
     plus a directional light 0.5 towards the image top, double-sided euclidean/prod, and the
-    depth ``s·(RX)_z + 5 + 2.732``.
+    depth ``s·(RX)_z + 5 + 2.732``. ``facing_normals=True`` lights every face from its visible
+    side (for pictures; the template's winding is inconsistent, spec Q21).
 
     Forward:
         verts: (B, V, 3) object-frame vertices.
@@ -301,12 +302,16 @@ class SoftRenderer(nn.Module):
         texture_type: str = "surface",
         z_offset: float = 5.0,
         eye_distance: float = 2.732,
+        facing_normals: bool = False,
     ):
         super().__init__()
         self.image_size = image_size
         self.anti_aliasing = anti_aliasing
         self.z_offset = z_offset
         self.eye_distance = eye_distance
+        # Light each face as seen from its visible side. For pictures: half of the template's
+        # faces are wound inwards (spec Q21), which otherwise shades the mesh like a checkerboard.
+        self.facing_normals = facing_normals
         self.light_intensity_ambient = light_intensity_ambient
         self.light_intensity_directional = light_intensity_directional
         self.light_color_ambient = tuple(light_color_ambient)
@@ -363,7 +368,10 @@ class SoftRenderer(nn.Module):
                 light = face_verts.new_tensor(self.light_color_ambient) * self.light_intensity_ambient
                 face_textures = textures * light
             else:
-                face_textures = textures * self._light(_unit(_face_cross(face_verts)))[:, :, None, :]
+                normals = _unit(_face_cross(face_verts))
+                if self.facing_normals:  # towards the viewer: screen z points into the screen
+                    normals = normals * torch.where(normals[..., 2:] > 0, -1.0, 1.0).to(normals)
+                face_textures = textures * self._light(normals)[:, :, None, :]
         face_verts = face_verts + face_verts.new_tensor([0.0, 0.0, self.eye_distance])
         out = soft_rasterize(face_verts, face_textures, settings)
         image = F.avg_pool2d(out.image, 2) if self.anti_aliasing else out.image

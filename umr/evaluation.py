@@ -1,0 +1,247 @@
+"""Evaluation measures (spec model_training_eval.md §14) and 3-D measures for the synthetic set.
+
+Everything is batched over images (or image pairs) and follows the inputs' device. Coordinates
+are UMR's normalised image frame (x right, y down, [-1, 1]²).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
+
+__all__ = [
+    "keypoint_heatmaps",
+    "identity_grid",
+    "transfer_by_flow",
+    "transfer_by_camera",
+    "PCKAccumulator",
+    "mask_iou",
+    "align_rotations",
+    "sample_surface",
+    "chamfer_fscore",
+    "oracle_texture_flow",
+    "point_visibility",
+    "view_space",
+    "rotation_of",
+]
+
+
+def keypoint_heatmaps(kp: torch.Tensor, size: int, sigma: float = 3.0) -> torch.Tensor:
+    """Unnormalised Gaussian heat maps (N, K, size, size) of keypoints (N, K, 2) in [-1, 1].
+
+    As the original: a (6σ+1)² patch, peak 1, pasted with its top-left corner at
+    ``int(p − 3σ)`` of the pixel position ``p = (k + 1)/2 · size`` (truncation), clipped to the image.
+    """
+    radius = int(3 * sigma)
+    pix = (kp + 1) / 2 * size
+    corner = torch.trunc(pix - radius)  # Python int() semantics
+    centre = corner + radius  # where the patch's peak lands
+    coords = torch.arange(size, device=kp.device, dtype=kp.dtype)
+    dx = coords[None, None, :] - centre[..., 0:1]  # (N, K, W)
+    dy = coords[None, None, :] - centre[..., 1:2]  # (N, K, H)
+    gx = torch.exp(-dx**2 / (2 * sigma**2)) * (dx.abs() <= radius)
+    gy = torch.exp(-dy**2 / (2 * sigma**2)) * (dy.abs() <= radius)
+    return gy[..., :, None] * gx[..., None, :]
+
+
+def identity_grid(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(1, 2, size, size) image whose pixel (r, c) holds its own ``affine_grid`` position
+    (x, y) with ``align_corners=True``."""
+    theta = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]], device=device, dtype=dtype)
+    return F.affine_grid(theta, (1, 2, size, size), align_corners=True).permute(0, 3, 1, 2)
+
+
+def _face_locations(flow: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, F, 2): per face, the mean of the identity grid sampled at its flow samples."""
+    n, num_faces = flow.shape[:2]
+    grid = identity_grid(size, flow.device, flow.dtype).expand(n, -1, -1, -1)
+    samples = F.grid_sample(grid, flow.reshape(n, num_faces, -1, 2), align_corners=True)  # (N, 2, F, S)
+    return samples.mean(-1).permute(0, 2, 1)
+
+
+def transfer_by_flow(flow_src: torch.Tensor, flow_tgt: torch.Tensor, kp_src: torch.Tensor, size: int,
+                     sigma: float = 3.0, visible_src=None) -> torch.Tensor:
+    """Keypoint transfer through the texture flows (§14.1, flow mode).
+
+    Args:
+        flow_src, flow_tgt: (N, F, T, T, 2) texture flows of the source and target images.
+        kp_src: (N, K, 2) source keypoints. size: image size in pixels.
+        visible_src: optional (N, F) faces visible in the source; only they can carry a keypoint
+            (the original considered all faces: a hidden face whose flow samples the same pixels
+            could win).
+    Returns:
+        (N, K, 2): for each keypoint, the target location of the face whose source flow samples
+        its heat map most.
+    """
+    n, num_faces = flow_src.shape[:2]
+    heat = keypoint_heatmaps(kp_src, size, sigma)  # (N, K, H, W)
+    score = F.grid_sample(heat, flow_src.reshape(n, num_faces, -1, 2), align_corners=True).mean(-1)  # (N, K, F)
+    if visible_src is not None:
+        usable = visible_src | ~visible_src.any(1, keepdim=True)  # no visible face: all count
+        score = torch.where(usable[:, None, :], score, -math.inf)
+    best = score.argmax(-1)  # (N, K)
+    locations = _face_locations(flow_tgt, size)  # (N, F, 2)
+    return torch.gather(locations, 1, best[..., None].expand(-1, -1, 2))
+
+
+def transfer_by_camera(verts_src, cam_src, verts_tgt, cam_tgt, mask_tgt, kp_src, visible_src=None) -> torch.Tensor:
+    """Keypoint transfer through the cameras (§14.1, cam mode).
+
+    Each source keypoint goes to its nearest vertex as projected by the source camera; that
+    vertex, projected by the target camera, goes to its nearest foreground pixel of the target
+    (predicted) mask, whose ``affine_grid`` position is the answer.
+
+    Args:
+        verts_src, verts_tgt: (N, V, 3) corresponding vertices (UMR: both the template T̄).
+        cam_src, cam_tgt: (N, 7). mask_tgt: (N, H, W), foreground where > 0. kp_src: (N, K, 2).
+        visible_src: optional (N, V) vertices visible in the source; only they can carry a
+            keypoint (the original used all: a hidden vertex behind the keypoint could win).
+    Returns:
+        (N, K, 2); a target with an empty mask gives (0, 0).
+    """
+    n, size = mask_tgt.shape[0], mask_tgt.shape[-1]
+    proj_src = orthographic_proj(verts_src, cam_src)
+    proj_tgt = orthographic_proj(verts_tgt, cam_tgt)
+    dist = torch.cdist(kp_src, proj_src)  # (N, K, V)
+    if visible_src is not None:
+        usable = visible_src | ~visible_src.any(1, keepdim=True)  # no visible vertex: all count
+        dist = torch.where(usable[:, None, :], dist, math.inf)
+    vertex = dist.argmin(-1)  # (N, K)
+    grid = identity_grid(size, mask_tgt.device, proj_tgt.dtype).reshape(2, -1).t()  # (H*W, 2)
+    out = torch.zeros(n, kp_src.shape[1], 2, device=kp_src.device, dtype=kp_src.dtype)
+    for i in range(n):
+        fg = grid[mask_tgt[i].reshape(-1) > 0]
+        if len(fg) == 0:
+            continue
+        chosen = proj_tgt[i][vertex[i]]  # (K, 2)
+        out[i] = fg[torch.cdist(chosen, fg).argmin(-1)]
+    return out
+
+
+class PCKAccumulator:
+    """PCK per keypoint: a transfer counts where the keypoint is visible in both images; the
+    error (normalised units) is scaled by ``(1 + 2·padding_frac)/2`` to a fraction of the tight
+    bounding box's longer side (§14.1)."""
+
+    def __init__(self, num_kps: int = 15, alphas=(0.1, 0.15), padding_frac: float = 0.05):
+        self.alphas = alphas
+        self.scale = (1 + 2 * padding_frac) / 2
+        self.hits = np.zeros((len(alphas), num_kps))
+        self.counts = np.zeros(num_kps)
+
+    def add(self, pred: torch.Tensor, kp_tgt: torch.Tensor, vis_src: torch.Tensor) -> None:
+        """pred (N, K, 2); kp_tgt (N, K, 3) with visibility; vis_src (N, K)."""
+        both = ((vis_src > 0) & (kp_tgt[..., 2] > 0)).cpu().numpy()
+        err = ((pred - kp_tgt[..., :2]).norm(dim=-1) * self.scale).cpu().numpy()
+        self.counts += both.sum(0)
+        for a, alpha in enumerate(self.alphas):
+            self.hits[a] += ((err < alpha) & both).sum(0)
+
+    def result(self) -> dict:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_kp = self.hits / self.counts  # NaN for keypoints never visible in both
+        out = {f"PCK.{str(alpha)[2:]}": float(np.nanmean(per_kp[a])) for a, alpha in enumerate(self.alphas)}
+        out["per_keypoint"] = {f"{alpha}": [None if math.isnan(v) else float(v) for v in per_kp[a]]
+                               for a, alpha in enumerate(self.alphas)}
+        out["counts"] = self.counts.astype(int).tolist()
+        return out
+
+
+def mask_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per image ``Σ(M·Â) / Σ(M + Â − M·Â)`` with soft masks, no thresholding (§14.2)."""
+    inter = (alpha * mask).flatten(1).sum(1)
+    union = (alpha + mask - alpha * mask).flatten(1).sum(1)
+    return inter / union.clamp_min(1e-12)
+
+
+def align_rotations(pred: torch.Tensor, true: torch.Tensor):
+    """Rotation errors after the best global alignment of the two canonical frames.
+
+    A learned model fixes its own canonical frame, so predicted camera rotations equal the true
+    ones only up to one fixed rotation G (``R_pred · G ≈ R_true``). G is the orthogonal
+    Procrustes solution over the whole set; the error of image i is the geodesic angle between
+    ``R_pred,i · G`` and ``R_true,i``.
+
+    Args: pred, true: (N, 3, 3) rotation matrices (object → camera).
+    Returns: (errors in degrees (N,), G (3, 3)).
+    """
+    m = (pred.transpose(1, 2) @ true).sum(0).double()
+    u, _, vt = torch.linalg.svd(m)
+    d = torch.sign(torch.det(u @ vt))
+    g = (u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=m.dtype)) @ vt).to(pred.dtype)
+    aligned = pred @ g
+    err = quat_geodesic_angle(matrix_to_quat(aligned), matrix_to_quat(true))
+    return torch.rad2deg(err), g
+
+
+def sample_surface(verts: torch.Tensor, faces: torch.Tensor, num: int, seed: int = 0) -> torch.Tensor:
+    """``num`` points (num, 3) uniformly on the surface of one mesh (area-weighted, seeded)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    tri = verts[faces]  # (F, 3, 3)
+    areas = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1)
+    idx = torch.multinomial(areas.cpu().double() + 1e-20, num, replacement=True, generator=g).to(verts.device)
+    u = torch.rand(num, 2, generator=g, dtype=verts.dtype).to(verts.device)
+    flip = u.sum(1) > 1
+    u[flip] = 1 - u[flip]
+    t = tri[idx]
+    return t[:, 0] + u[:, :1] * (t[:, 1] - t[:, 0]) + u[:, 1:] * (t[:, 2] - t[:, 0])
+
+
+def chamfer_fscore(a: torch.Tensor, b: torch.Tensor, tau: float):
+    """Chamfer-L2 (mean squared nearest distance, both directions, summed) and F-score at ``tau``
+    between point sets a (N, 3) and b (M, 3)."""
+    d = torch.cdist(a[None].double(), b[None].double())[0]
+    ab, ba = d.min(1).values, d.min(0).values
+    precision = (ab < tau).double().mean()
+    recall = (ba < tau).double().mean()
+    fscore = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    return float((ab**2).mean() + (ba**2).mean()), float(fscore)
+
+
+def view_space(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+    """Vertices (N, V, 3) in the image's view frame (normalised image units, x right, y down),
+    depth centred: orthographic projection cannot observe a depth offset."""
+    view = orthographic_proj_withz(verts, cam)
+    depth_mean = view[..., 2:].mean(1, keepdim=True)
+    return view - torch.cat([torch.zeros_like(depth_mean).expand(-1, -1, 2), depth_mean], dim=-1)
+
+
+def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tensor, tol: float = 0.03,
+                     z_offset: float = 5.0 + 2.732) -> torch.Tensor:
+    """Which points (N, P, 3) a render's z-buffer ``depth`` (N, S, S; +inf on background) shows.
+
+    A point is visible when it is no deeper than the surface at its pixel, within ``tol`` times
+    the camera scale. On a silhouette's edge (its pixel is background) the nearest surface among
+    the 3 x 3 neighbours counts instead. ``z_offset``: the renderer's depth offset.
+    """
+    size = depth.shape[-1]
+    proj = orthographic_proj_withz(points, cam, z_offset)
+    cols = ((proj[..., 0] + 1) * size / 2 - 0.5).round().long().clamp(0, size - 1)
+    rows = ((proj[..., 1] + 1) * size / 2 - 0.5).round().long().clamp(0, size - 1)
+    batch = torch.arange(len(points), device=points.device)[:, None]
+    own = depth[batch, rows, cols]
+    padded = F.pad(depth, (1, 1, 1, 1), value=math.inf)
+    neighbours = torch.stack([padded[batch, rows + 1 + dr, cols + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+    reference = torch.where(torch.isfinite(own), own, neighbours.min(0).values)
+    inside = (proj[..., 0].abs() <= 1) & (proj[..., 1].abs() <= 1)
+    return inside & (proj[..., 2] <= reference + tol * cam[:, None, 0])
+
+
+def oracle_texture_flow(verts: torch.Tensor, faces: torch.Tensor, cam: torch.Tensor, tex_size: int = 6) -> torch.Tensor:
+    """The texture flow (N, F, T, T, 2) a perfect model would predict: each sample's projection.
+    Sample (i, j) of face (v0, v1, v2) sits at barycentric weights (i/(T−1), j/(T−1), rest) (§1.3)."""
+    proj = orthographic_proj(verts, cam)  # (N, V, 2)
+    tri = proj[:, faces]  # (N, F, 3, 2)
+    w = torch.arange(tex_size, device=verts.device, dtype=verts.dtype) / (tex_size - 1)
+    alpha, beta = torch.meshgrid(w, w, indexing="ij")
+    p0, p1, p2 = (tri[:, :, k, None, None, :] for k in range(3))
+    return alpha[..., None] * p0 + beta[..., None] * p1 + (1 - alpha - beta)[..., None] * p2
+
+
+def rotation_of(cam: torch.Tensor) -> torch.Tensor:
+    """(N, 3, 3) rotation matrices of cameras (N, 7)."""
+    return quat_to_matrix(torch.nn.functional.normalize(cam[:, 3:], dim=-1))
