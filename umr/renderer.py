@@ -366,7 +366,8 @@ class SoftRenderer(nn.Module):
             textures = _prepare_textures(face_verts, textures, settings)
             if self.light_intensity_directional == 0:  # ambient only: no normals needed
                 light = face_verts.new_tensor(self.light_color_ambient) * self.light_intensity_ambient
-                face_textures = textures * light
+                # white light of intensity 1 (UMR's texture renderers) leaves textures as they are
+                face_textures = textures if bool((light == 1).all()) else textures * light
             else:
                 normals = _unit(_face_cross(face_verts))
                 if self.facing_normals:  # towards the viewer: screen z points into the screen

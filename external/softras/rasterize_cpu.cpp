@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 #include <atomic>
 
@@ -101,6 +102,44 @@ Span box_span(const T* info, const int* range, const TileBox& box, const TileCoo
   return span;
 }
 
+// Per row, the columns a face's pixels can occupy after the cull: coverage_halfplanes as
+// intervals in x, widened by one column, so skipping the rest changes no output. Most of a small
+// face's bounding box lies outside its margin band; this saves testing those pixels one by one.
+template <typename T>
+struct RowClipper {
+  bool active;
+  double a[3], b[3], c[3], lim[3];
+  RowClipper(const T* info, const Settings<T>& s) {
+    active = coverage_halfplanes(info, s, lim);
+    for (int k = 0; k < 3 && active; ++k) {
+      a[k] = double(info[9 + 3 * k]);
+      b[k] = double(info[10 + 3 * k]);
+      c[k] = double(info[11 + 3 * k]);
+    }
+  }
+  // Narrows the tile-relative inclusive columns [c_lo, c_hi] of the row at height y.
+  void clip(T y, int col0, int S, int& c_lo, int& c_hi) const {
+    if (!active) return;
+    double x_lo = -INFINITY, x_hi = INFINITY;
+    for (int k = 0; k < 3; ++k) {
+      const double rhs = -lim[k] - (b[k] * double(y) + c[k]);  // need a x >= rhs
+      if (a[k] > 0.0) {
+        x_lo = std::max(x_lo, rhs / a[k]);
+      } else if (a[k] < 0.0) {
+        x_hi = std::min(x_hi, rhs / a[k]);
+      } else if (rhs > 0.0) {
+        c_hi = c_lo - 1;
+        return;
+      }
+    }
+    // column C has x = (2C + 1 - S) / S; clamp before converting so huge bounds cannot overflow
+    const double lo = std::ceil((x_lo * S + S - 1) / 2.0) - 1.0 - col0;
+    const double hi = std::floor((x_hi * S + S - 1) / 2.0) + 1.0 - col0;
+    if (lo > double(c_lo)) c_lo = int(std::min(lo, double(kTileSize)));
+    if (hi < double(c_hi)) c_hi = int(std::max(hi, -1.0));
+  }
+};
+
 template <typename T>
 void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t* offsets, const int32_t* bins,
                    int64_t B, int64_t F, const Settings<T>& s, bool return_p2f, T* image, int64_t* face_index,
@@ -119,9 +158,12 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
         const T* finfo = info + kFaceInfoSize * face;
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
         const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
+        const RowClipper<T> rows(finfo, s);
         T p2f_sum[3] = {T(0), T(0), T(0)};
         for (int r = span.r0; r <= span.r1; ++r) {
-          for (int c = span.c0; c <= span.c1; ++c) {
+          int c_lo = span.c0, c_hi = span.c1;
+          rows.clip(xy.y[r], box.c0, S, c_lo, c_hi);
+          for (int c = c_lo; c <= c_hi; ++c) {
             PixelState<T>& pixel = state[r * kTileSize + c];
             if (face_is_inert(finfo, s, pixel)) continue;
             Coverage<T> cov;
@@ -205,9 +247,12 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
         T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
         const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
+        const RowClipper<T> rows(finfo, s);
         T grad_face[9] = {};
         for (int r = span.r0; r <= span.r1; ++r) {
-          for (int c = span.c0; c <= span.c1; ++c) {
+          int c_lo = span.c0, c_hi = span.c1;
+          rows.clip(xy.y[r], box.c0, S, c_lo, c_hi);
+          for (int c = c_lo; c <= c_hi; ++c) {
             const SavedPixel<T>& p = saved[r * kTileSize + c];
             if (!p.any_grad || pair_is_inert(finfo, f, s, p.g, p.rgba, p.smax, p.fbest)) continue;
             Coverage<T> cov;

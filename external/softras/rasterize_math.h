@@ -279,6 +279,29 @@ UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Cover
   return true;
 }
 
+// A relaxation of eval_coverage's cull as three half-planes: every pixel the cull keeps
+// satisfies w_k >= -lim[k] for k = 0, 1, 2 (euclidean: the distance -w_k h_k to an edge's line
+// is within the margin; barycentric: w_k > -margin; hard: w_k >= 0). The bounds are loosened by
+// 1% of the margin plus a slack that covers the rounding of w at the face's coordinate scale,
+// so a pixel outside them is culled for certain. Returns false for degenerate faces (w is not
+// an exact barycentric there): then no pixel may be skipped.
+template <typename T>
+UMR_HD bool coverage_halfplanes(const T* info, const Settings<T>& s, double* lim) {
+  if (info[34] == T(0)) return false;
+  double scale = 1.0;
+  for (int k = 0; k < 9; ++k) scale = umr_max(scale, double(info[k] < T(0) ? -info[k] : info[k]));
+  const double slack = 1e-4 * scale + 0.01 * double(s.margin);  // in distance units
+  for (int k = 0; k < 3; ++k) {
+    const double h = double(info[24 + k]);
+    if (h <= 0.0) return false;
+    const double bound = s.dist_func == DIST_EUCLIDEAN ? double(s.margin) * 1.0001
+                         : s.dist_func == DIST_BARYCENTRIC ? double(s.margin) * h
+                                                          : 0.0;
+    lim[k] = (bound + slack) / h;
+  }
+  return true;
+}
+
 // §3.5: clipped, renormalised barycentrics and perspective-correct depth.
 template <typename T>
 UMR_HD T clipped_depth(const T* info, const T* w, T* wb) {
