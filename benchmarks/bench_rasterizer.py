@@ -65,9 +65,8 @@ def forward_backward(rasterize, face_vertices, textures, s):
 
 
 def pairs_in_radius(face_vertices, s: RasterSettings) -> int:
-    """(pixel, face) pairs that pass the exact culling test (what a binned kernel must visit)."""
-    out = soft_rasterize(face_vertices, None, s)  # noqa: F841 (warm)
-    # count with the reference's culling on a row subsample, scaled up
+    """(pixel, face) pairs inside the faces' bounding boxes grown by the culling radius: the
+    work of a binned kernel before its finer per-row and per-pixel culls."""
     fv = face_vertices
     S = s.image_size
     threshold = torch.log(torch.tensor(1 / s.dist_eps - 1)) * s.sigma_val

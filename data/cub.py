@@ -16,7 +16,6 @@ Files (``cub_dir`` = CUB root, ``cub_cache_dir`` = CMR cache):
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 

@@ -12,6 +12,7 @@ import torch
 
 from data.cub import CUBDataset, DataError
 from data.synth_birds import canonical_camera
+from umr import distributed as D
 from umr.evaluation import oracle_texture_flow
 from umr.nets import MeshNet, PretrainedWeightsMissing, load_original_checkpoint
 from umr.renderer import SoftRenderer
@@ -38,6 +39,26 @@ def check_sizes(flags) -> None:
         raise DataError(f"--img_size ({flags.img_size}) and --image_size ({flags.image_size}) must be equal")
     if flags.img_size % 64:
         raise DataError(f"--img_size must be a multiple of 64, got {flags.img_size}")
+
+
+def setup_evaluation(flags):
+    """Common start of the test scripts: checks the sizes, picks the device, fixes the seed.
+    Returns (distributed context, the unaugmented data set of ``--split``)."""
+    check_sizes(flags)
+    ctx = D.setup(flags.device)
+    torch.manual_seed(0)
+    return ctx, build_dataset(flags, flags.split, use_scops=False, train=False)
+
+
+def run_training(script: str, trainer, dataset, ctx) -> None:
+    """Announce the run (main process), train, and release the process group even on a crash."""
+    if ctx.is_main:
+        print(f"{script}: {len(dataset)} images, {ctx.world_size} process(es) on {ctx.device}; "
+              f"checkpoints in {trainer.run_dir}, visuals in {trainer.vis_dir}")
+    try:
+        trainer.run()
+    finally:
+        D.cleanup()
 
 
 def build_dataset(flags, split: str, use_scops: bool, train: bool = True) -> CUBDataset:

@@ -16,7 +16,6 @@ the original cropped 257 x 257, half a pixel off). Writes to ``--out_path``:
   the textured mesh turned by 60°, 120°, 180°.
 """
 import json
-import sys
 from pathlib import Path
 
 import cv2

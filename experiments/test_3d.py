@@ -25,8 +25,7 @@ from tqdm import tqdm
 from data.cub import make_loader
 from data.synth_birds import canonical_camera
 from experiments import flags as F
-from experiments.common import Predictor, build_dataset, check_sizes, truth_path, user_errors_exit, write_results
-from umr import distributed as D
+from experiments.common import Predictor, setup_evaluation, truth_path, user_errors_exit, write_results
 from umr.evaluation import align_rotations, chamfer_fscore, mask_iou, rotation_of, sample_surface, view_space
 
 F.define_test_flags()
@@ -36,12 +35,9 @@ FLAGS = F.FLAGS
 
 @user_errors_exit
 def main(_):
-    check_sizes(FLAGS)
-    ctx = D.setup(FLAGS.device)
-    torch.manual_seed(0)
+    ctx, dataset = setup_evaluation(FLAGS)
     gt = np.load(truth_path(FLAGS, FLAGS.split))
     surfaces = torch.from_numpy(gt["surface_points"]).float()
-    dataset = build_dataset(FLAGS, FLAGS.split, use_scops=False, train=False)
     if FLAGS.compat:
         dataset.pipeline.mirror = False  # the truth is unmirrored
     predict = Predictor(FLAGS, ctx.device, FLAGS.split)

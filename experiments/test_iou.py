@@ -9,15 +9,13 @@ checkpoint. By default every test image counts once, unmirrored, at the most pro
 ``--compat`` restores the original's shuffled, mirrored loader that drops the last partial batch
 and its sampled camera (quirks Q12, Q13).
 """
-import numpy as np
 import torch
 from absl import app
 from tqdm import tqdm
 
 from data.cub import make_loader
 from experiments import flags as F
-from experiments.common import Predictor, build_dataset, check_sizes, user_errors_exit, write_results
-from umr import distributed as D
+from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import mask_iou
 
 F.define_test_flags()
@@ -26,10 +24,7 @@ FLAGS = F.FLAGS
 
 @user_errors_exit
 def main(_):
-    check_sizes(FLAGS)
-    ctx = D.setup(FLAGS.device)
-    torch.manual_seed(0)
-    dataset = build_dataset(FLAGS, FLAGS.split, use_scops=False, train=False)
+    ctx, dataset = setup_evaluation(FLAGS)
     predict = Predictor(FLAGS, ctx.device, FLAGS.split)
     loader = make_loader(dataset, FLAGS.batch_size, shuffle=FLAGS.compat, drop_last=FLAGS.compat,
                          num_workers=FLAGS.n_data_workers)

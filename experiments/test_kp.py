@@ -23,8 +23,7 @@ from tqdm import tqdm
 
 from data.cub import KeypointPairs, make_loader
 from experiments import flags as F
-from experiments.common import Predictor, build_dataset, check_sizes, user_errors_exit, write_results
-from umr import distributed as D
+from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import PCKAccumulator, point_visibility, transfer_by_camera, transfer_by_flow
 from umr.renderer import face_pixel_centers
 from umr.visuals import to_uint8
@@ -49,10 +48,7 @@ def draw(image, kps, colour):
 
 @user_errors_exit
 def main(_):
-    check_sizes(FLAGS)
-    ctx = D.setup(FLAGS.device)
-    torch.manual_seed(0)
-    dataset = build_dataset(FLAGS, FLAGS.split, use_scops=False, train=False)
+    ctx, dataset = setup_evaluation(FLAGS)
     count = FLAGS.number_pairs + (1 if FLAGS.compat else 0)  # Q27: the original's loop ran one pair over
     pairs = KeypointPairs(dataset, count, seed=FLAGS.pair_seed)
     predict = Predictor(FLAGS, ctx.device, FLAGS.split)

@@ -11,7 +11,7 @@ and PNG visuals in <vis_dir>/<name>/.
 from absl import app
 
 from experiments import flags as F
-from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
+from experiments.common import build_dataset, build_model, check_sizes, run_training, user_errors_exit
 from umr import distributed as D
 from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage1Objective
@@ -34,13 +34,7 @@ def main(_):
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
                       end_of_epoch=make_template_update(FLAGS.update_template_freq))
-    if ctx.is_main:
-        print(f"train_s1: {len(dataset)} images, {ctx.world_size} process(es) on {ctx.device}; "
-              f"checkpoints in {trainer.run_dir}, visuals in {trainer.vis_dir}")
-    try:
-        trainer.run()
-    finally:
-        D.cleanup()
+    run_training("train_s1", trainer, dataset, ctx)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ Outputs as train_s1.
 from absl import app
 
 from experiments import flags as F
-from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
+from experiments.common import build_dataset, build_model, check_sizes, run_training, user_errors_exit
 from umr import distributed as D
 from umr.losses import SemanticTemplate, face_sample_labels
 from umr.nets import Discriminator
@@ -35,13 +35,7 @@ def main(_):
     objective = Stage2Objective(model, config, labels, template.vertices, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()})
-    if ctx.is_main:
-        print(f"train_s2: {len(dataset)} images, {ctx.world_size} process(es) on {ctx.device}; "
-              f"checkpoints in {trainer.run_dir}, visuals in {trainer.vis_dir}")
-    try:
-        trainer.run()
-    finally:
-        D.cleanup()
+    run_training("train_s2", trainer, dataset, ctx)
 
 
 if __name__ == "__main__":

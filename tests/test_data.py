@@ -1,6 +1,5 @@
 """CUB loaders on a tiny synthetic set generated here (nothing is committed)."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,12 +1,10 @@
 """Evaluation code on known answers, oracle checks on synthetic birds, and the demo."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

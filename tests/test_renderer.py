@@ -1,12 +1,11 @@
 """UMR's renderer wrapper: conventions, lighting, face_pixel_centers and silhouette fitting."""
-import math
 
 import numpy as np
 import torch
 
 from umr import mesh as M
 from umr.geometry import axis_angle_to_quat, sample_textures
-from umr.renderer import RasterSettings, SoftRenderer, face_pixel_centers, project_points, soft_rasterize
+from umr.renderer import SoftRenderer, face_pixel_centers, project_points
 
 IDENTITY_CAM = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
 

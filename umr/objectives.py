@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -27,7 +26,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
