@@ -1,4 +1,4 @@
-"""The whole pipeline on built-in synthetic birds, small enough for a CPU (about 10 minutes):
+"""The whole pipeline on built-in synthetic birds, small enough for a CPU (under 10 minutes on 2 cores):
 
     python -m experiments.quickstart [--out cachedir/quickstart]
 
