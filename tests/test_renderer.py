@@ -86,6 +86,10 @@ def test_lighting_and_texture_colours():
     ambient = SoftRenderer(image_size=32).ambient_light_only()(tri, faces, IDENTITY_CAM, textures).image
     torch.testing.assert_close(ambient[0, :3, 16, 16], colour, atol=1e-5, rtol=0)
     assert ambient[0, 3, 0, 0] == 0 and torch.all(ambient[0, :3, 0, 0] == 0)  # black background
+    tinted = SoftRenderer(image_size=32, light_color_ambient=(1.0, 0.5, 0.25)).ambient_light_only()
+    tinted.light_intensity_ambient = 0.8
+    image = tinted(tri, faces, IDENTITY_CAM, textures).image
+    torch.testing.assert_close(image[0, :3, 16, 16], colour * torch.tensor([0.8, 0.4, 0.2]), atol=1e-5, rtol=0)
 
 
 def test_textures_from_a_texture_flow_plug_in():

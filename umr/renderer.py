@@ -365,9 +365,9 @@ class SoftRenderer(nn.Module):
         else:
             textures = _prepare_textures(face_verts, textures, settings)
             if self.light_intensity_directional == 0:  # ambient only: no normals needed
-                light = face_verts.new_tensor(self.light_color_ambient) * self.light_intensity_ambient
+                light = [c * self.light_intensity_ambient for c in self.light_color_ambient]
                 # white light of intensity 1 (UMR's texture renderers) leaves textures as they are
-                face_textures = textures if bool((light == 1).all()) else textures * light
+                face_textures = textures if all(c == 1 for c in light) else textures * textures.new_tensor(light)
             else:
                 normals = _unit(_face_cross(face_verts))
                 if self.facing_normals:  # towards the viewer: screen z points into the screen
