@@ -112,7 +112,7 @@ class Predictor:
 
     def __init__(self, flags, device, split: str):
         self.flags, self.device = flags, device
-        self.renderer = SoftRenderer(flags.image_size).to(device)
+        self.renderer = SoftRenderer(flags.image_size).ambient_light_only().to(device)  # alpha and z-buffer only
         self.model = None
         if flags.oracle:
             if flags.compat:

@@ -72,6 +72,17 @@ def test_transfers_on_hand_examples():
     mask = torch.ones(1, 32, 32)
     pred = E.transfer_by_camera(verts, cam_src, verts, cam_tgt, mask, torch.tensor([[[-0.45, 0.02]]]))
     torch.testing.assert_close(pred[0, 0], torch.tensor([0.5, 0.0]), atol=1 / 31 + 1e-6, rtol=0)
+    # batched: the nearest pixel of each image's own mask; an empty mask gives (0, 0)
+    right_half = torch.zeros(32, 32)
+    right_half[:, 24:] = 1
+    masks = torch.stack([mask, right_half[None], torch.zeros(1, 32, 32)])[:, 0]
+    kp = torch.tensor([[[-0.45, 0.02]], [[0.45, 0.0]], [[-0.45, 0.0]]])
+    pred = E.transfer_by_camera(verts.expand(3, -1, -1), cam_src.expand(3, -1), verts.expand(3, -1, -1),
+                                torch.cat([cam_tgt, cam_src, cam_src]), masks, kp)
+    torch.testing.assert_close(pred[0, 0], torch.tensor([0.5, 0.0]), atol=1 / 31 + 1e-6, rtol=0)
+    assert float(pred[1, 0, 0]) == pytest.approx(-1 + 2 * 24 / 31, abs=1e-6)  # vertex (0.5, 0) -> the mask's left edge, column 24
+    assert abs(pred[1, 0, 1]) <= 1 / 31 + 1e-6
+    assert torch.equal(pred[2], torch.zeros(1, 2))
 
 
 def test_align_rotations_recovers_a_global_offset():

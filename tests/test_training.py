@@ -92,7 +92,7 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     run("experiments.train_s1", *train_flags(data_dir, tmp_path, "straight", "--num_iter=6", *common))
     run("experiments.train_s1", *train_flags(data_dir, tmp_path, "resumed", "--num_iter=3", *common))
     first = torch.load(tmp_path / "snapshots" / "resumed" / "pred_net_latest.pth", map_location="cpu", weights_only=False)
-    assert (first["epoch"], first["iteration"], first["step"]) == (0, 2, 3) or first["step"] == 3
+    assert first["step"] == 3
     run("experiments.train_s1", *train_flags(data_dir, tmp_path, "resumed", "--num_iter=6", "--resume", *common))
     straight = model_state(tmp_path / "snapshots" / "straight" / "pred_net_latest.pth")
     resumed = model_state(tmp_path / "snapshots" / "resumed" / "pred_net_latest.pth")

@@ -111,15 +111,12 @@ def transfer_by_camera(verts_src, cam_src, verts_tgt, cam_tgt, mask_tgt, kp_src,
         usable = visible_src | ~visible_src.any(1, keepdim=True)  # no visible vertex: all count
         dist = torch.where(usable[:, None, :], dist, math.inf)
     vertex = dist.argmin(-1)  # (N, K)
+    chosen = torch.gather(proj_tgt, 1, vertex[..., None].expand(-1, -1, 2))  # (N, K, 2)
     grid = identity_grid(size, mask_tgt.device, proj_tgt.dtype).reshape(2, -1).t()  # (H*W, 2)
-    out = torch.zeros(n, kp_src.shape[1], 2, device=kp_src.device, dtype=kp_src.dtype)
-    for i in range(n):
-        fg = grid[mask_tgt[i].reshape(-1) > 0]
-        if len(fg) == 0:
-            continue
-        chosen = proj_tgt[i][vertex[i]]  # (K, 2)
-        out[i] = fg[torch.cdist(chosen, fg).argmin(-1)]
-    return out
+    foreground = mask_tgt.reshape(n, 1, -1) > 0  # (N, 1, H*W)
+    to_pixels = torch.cdist(chosen, grid[None].expand(n, -1, -1)).masked_fill(~foreground, math.inf)
+    out = grid[to_pixels.argmin(-1)].to(kp_src.dtype)  # (N, K, 2)
+    return out.masked_fill(~foreground.any(-1, keepdim=True), 0.0)
 
 
 class PCKAccumulator:

@@ -116,7 +116,8 @@ class Stage1Objective(_Objective):
 
     def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator] = None):
         super().__init__(model, config, discriminator)
-        self.gan_renderer = SoftRenderer(config.image_size)  # novel-view silhouettes
+        # novel-view silhouettes: alpha only, so no lighting to compute
+        self.gan_renderer = SoftRenderer(config.image_size).ambient_light_only()
 
     def forward(self, out: dict, batch: dict, epoch: int):
         self._check_sizes(batch)

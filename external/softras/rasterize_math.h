@@ -209,6 +209,12 @@ UMR_HD bool in_y_box(const T* info, T py, const Settings<T>& s) {
   return !(py > info[21] + s.margin || py < info[20] - s.margin);
 }
 
+// Euclidean quick cull: a pixel farther than this from the line of an edge it lies beyond is
+// culled without computing its distance to the triangle (the margin plus a relative 1e-4, so that
+// only clear cases are decided this way).
+template <typename T>
+UMR_HD T edge_cull_limit(const Settings<T>& s) { return s.margin * T(1.0001); }
+
 // §3.1-3.3. Returns false when the face is culled for this pixel (no alpha, RGB or p2f).
 // box_checked: the caller already applied the bounding-box test.
 template <typename T, bool box_checked = false>
@@ -243,10 +249,9 @@ UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Cover
   cov.sign = strictly_inside ? T(1) : T(-1);
   if (!strictly_inside) {
     // Quick cull of most outside pairs: the distance to the triangle is at least the distance
-    // -w_k h_k to the line of an edge the pixel lies beyond. Only clear cases (beyond the
-    // margin by a relative 1e-4) are decided here; the exact test below decides the rest.
+    // -w_k h_k to the line of an edge the pixel lies beyond; the exact test below decides the rest.
     const T* h = info + 24;
-    const T limit = s.margin * T(1.0001);
+    const T limit = edge_cull_limit(s);
     if (-w0 * h[0] > limit || -w1 * h[1] > limit || -w2 * h[2] > limit) return false;
   }
   T best = T(1e8);
@@ -294,7 +299,7 @@ UMR_HD bool coverage_halfplanes(const T* info, const Settings<T>& s, double* lim
   for (int k = 0; k < 3; ++k) {
     const double h = double(info[24 + k]);
     if (h <= 0.0) return false;
-    const double bound = s.dist_func == DIST_EUCLIDEAN ? double(s.margin) * 1.0001
+    const double bound = s.dist_func == DIST_EUCLIDEAN ? double(edge_cull_limit(s))
                          : s.dist_func == DIST_BARYCENTRIC ? double(s.margin) * h
                                                           : 0.0;
     lim[k] = (bound + slack) / h;
