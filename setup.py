@@ -4,7 +4,8 @@ The extension's sources live in ``external/``: ``*.cpp`` files always (CPU kerne
 bindings), ``*.cu`` files when CUDA is built. CUDA is built when nvcc is found and torch is a
 CUDA build, or when ``FORCE_CUDA=1``; ``FORCE_CUDA=0`` disables it. Without a visible GPU the
 target architectures default to ``UMR_DEFAULT_CUDA_ARCHS`` (override with
-``TORCH_CUDA_ARCH_LIST``).
+``TORCH_CUDA_ARCH_LIST``). The CPU kernel uses AVX2 when the building machine has it
+(``UMR_CPU_SIMD=0`` builds for the baseline x86-64 instruction set, for other machines).
 """
 import glob
 import os
@@ -33,6 +34,19 @@ def _locate_cuda_home() -> None:
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 
+def _cpu_simd_flags() -> list:
+    """AVX2 for the CPU kernel's vector lanes when this machine has it (without FMA, so that the
+    lanes round exactly as the scalar code); other machines run the same lanes on SSE halves."""
+    if os.environ.get("UMR_CPU_SIMD") == "0":
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return ["-mavx2"] if "avx2" in flags else []
+
+
 def _extensions():
     cpp_sources = sorted(glob.glob("external/**/*.cpp", recursive=True))
     if not cpp_sources:
@@ -43,7 +57,7 @@ def _extensions():
 
     include_dirs = [os.path.abspath(d) for d in sorted({os.path.dirname(s) for s in cpp_sources})]
     # no errno from math functions: lets the compiler inline sqrt and keep exp off the slow path
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"] + _cpu_simd_flags()
     if _want_cuda(torch, CUDA_HOME):
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = UMR_DEFAULT_CUDA_ARCHS

@@ -1,5 +1,6 @@
 """The C++ soft-rasterizer kernel against the dense PyTorch reference (spec soft_rasterizer.md)."""
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -47,22 +48,24 @@ def assert_outputs_close(out, ref, atol):
         torch.testing.assert_close(out.p2f, ref.p2f, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("texture_type", ["surface", "vertex"])
 @pytest.mark.parametrize("dist,rgb,alpha", MODES)
-def test_forward_matches_reference(dtype, atol, texture_type, dist, rgb, alpha):
+def test_forward_matches_reference(dtype, atol, texture_type, dist, rgb, alpha, vectorize):
     fv = random_faces(2, 40, seed=1, dtype=dtype)
     tex = random_textures(fv, texture_type, seed=2)
     for params in (SOFT, UMR):
         settings = RasterSettings(
             image_size=40, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type,
-            background_color=(0.2, 0.4, 0.6), return_p2f=True, **params,
+            background_color=(0.2, 0.4, 0.6), return_p2f=True, vectorize=vectorize, **params,
         )
         assert_outputs_close(soft_rasterize(fv, tex, settings), soft_rasterize_reference(fv, tex, settings), atol)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("dist", ["euclidean", "barycentric", "hard"])
-def test_small_and_sliver_faces_match_reference(dist):
+def test_small_and_sliver_faces_match_reference(dist, vectorize):
     """Faces of a few pixels, slivers and faces with far-off vertices: the kernel skips most of
     such a face's bounding box by its per-row cull spans, which must drop no pixel that counts."""
     g = torch.Generator().manual_seed(11)
@@ -74,7 +77,7 @@ def test_small_and_sliver_faces_match_reference(dist):
     fv = torch.cat([xy, torch.rand(B, F, 3, 1, generator=g, dtype=torch.float64) * 4 + 2], dim=-1)
     tex = random_textures(fv, "surface", seed=3)
     for params in (SOFT, UMR):
-        settings = RasterSettings(image_size=64, dist_func=dist, return_p2f=True, **params)
+        settings = RasterSettings(image_size=64, dist_func=dist, return_p2f=True, vectorize=vectorize, **params)
         assert_outputs_close(soft_rasterize(fv, tex, settings), soft_rasterize_reference(fv, tex, settings), 1e-9)
         (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
         scale = ref_fv.abs().max().clamp_min(1.0)
@@ -82,7 +85,8 @@ def test_small_and_sliver_faces_match_reference(dist):
         torch.testing.assert_close(kernel_tex, ref_tex, atol=1e-9, rtol=0)
 
 
-def test_forward_options_match_reference():
+@pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
+def test_forward_options_match_reference(vectorize):
     fv = random_faces(2, 30, seed=3)
     tex = random_textures(fv, "surface", seed=4, res=6)
     for settings in (
@@ -92,6 +96,7 @@ def test_forward_options_match_reference():
         RasterSettings(image_size=1, return_p2f=True, **SOFT),
         RasterSettings(image_size=24, dist_eps=1e-4),  # SoftRas defaults
     ):
+        settings = replace(settings, vectorize=vectorize)
         assert_outputs_close(soft_rasterize(fv, tex, settings), soft_rasterize_reference(fv, tex, settings), 1e-9)
 
 
@@ -124,14 +129,16 @@ def kernel_and_reference_grads(fv, tex, settings, seed=7):
     return grads
 
 
+@pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("texture_type", ["surface", "vertex"])
 @pytest.mark.parametrize("dist,rgb,alpha", MODES)
-def test_backward_matches_reference(texture_type, dist, rgb, alpha):
+def test_backward_matches_reference(texture_type, dist, rgb, alpha, vectorize):
     fv = random_faces(2, 40, seed=8)
     tex = random_textures(fv, texture_type, seed=9)
     for params in (SOFT, UMR):
         settings = RasterSettings(
-            image_size=32, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type, **params
+            image_size=32, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type,
+            vectorize=vectorize, **params,
         )
         (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
         scale = ref_fv.abs().max().clamp_min(1.0)
@@ -141,12 +148,13 @@ def test_backward_matches_reference(texture_type, dist, rgb, alpha):
             assert ref_fv.abs().max() > 0  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("dist", ["euclidean", "barycentric"])
-def test_rgb_without_geometry_gradient(dist):
+def test_rgb_without_geometry_gradient(dist, vectorize):
     # rgb_geometry_grad=False: RGB gradients reach the textures only, alpha's reach the geometry
     fv = random_faces(2, 30, seed=22)
     tex = random_textures(fv, "surface", seed=23)
-    settings = RasterSettings(image_size=24, dist_func=dist, rgb_geometry_grad=False, **SOFT)
+    settings = RasterSettings(image_size=24, dist_func=dist, rgb_geometry_grad=False, vectorize=vectorize, **SOFT)
     (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
     scale = ref_fv.abs().max()
     torch.testing.assert_close(kernel_fv / scale, ref_fv / scale, atol=1e-9, rtol=0)
@@ -164,10 +172,11 @@ def test_rgb_without_geometry_gradient(dist):
     torch.testing.assert_close(fv_a.grad, fv_b.grad)  # alpha's gradient is unchanged
 
 
-def test_backward_float32_matches_reference():
+@pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
+def test_backward_float32_matches_reference(vectorize):
     fv = random_faces(2, 40, seed=10, dtype=torch.float32)
     tex = random_textures(fv, "surface", seed=11)
-    settings = RasterSettings(image_size=32, **SOFT)
+    settings = RasterSettings(image_size=32, vectorize=vectorize, **SOFT)
     (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
     scale, tex_scale = ref_fv.abs().max(), ref_tex.abs().max()
     torch.testing.assert_close(kernel_fv / scale, ref_fv / scale, atol=1e-5, rtol=0)
@@ -228,6 +237,31 @@ def test_binned_equals_unbinned(dtype):
     torch.testing.assert_close(g_tex / tex_scale, d_tex / tex_scale, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+@pytest.mark.parametrize("texture_type", ["surface", "vertex"])
+def test_vectorized_equals_per_pixel(dtype, atol, texture_type):
+    # the SIMD lanes against the per-pixel math on a crowded scene at UMR's sharpness: same
+    # z-buffer winners and depths, and images and gradients within a few ulp (only exp differs)
+    fv = random_faces(2, 400, seed=24, dtype=dtype)
+    tex = random_textures(fv, texture_type, seed=25, res=6)
+    grad_out = torch.randn(2, 4, 96, 96, dtype=dtype, generator=torch.Generator().manual_seed(26))
+    results = []
+    for vectorize in (True, False):
+        settings = RasterSettings(image_size=96, texture_type=texture_type, return_p2f=True, vectorize=vectorize, **UMR)
+        fv_, tex_ = fv.clone().requires_grad_(), tex.clone().requires_grad_()
+        out = soft_rasterize(fv_, tex_, settings)
+        (out.image * grad_out).sum().backward()
+        results.append((out, fv_.grad, tex_.grad))
+    (lanes, l_fv, l_tex), (scalar, s_fv, s_tex) = results
+    assert torch.equal(lanes.face_index, scalar.face_index) and torch.equal(lanes.depth, scalar.depth)
+    assert (scalar.face_index >= 0).sum() > 1000  # a covered scene, not a vacuous comparison
+    torch.testing.assert_close(lanes.image, scalar.image, atol=atol, rtol=0)
+    torch.testing.assert_close(lanes.p2f, scalar.p2f, atol=atol * 10, rtol=0)
+    scale, tex_scale = s_fv.abs().max(), s_tex.abs().max()
+    torch.testing.assert_close(l_fv / scale, s_fv / scale, atol=atol * 10, rtol=0)
+    torch.testing.assert_close(l_tex / tex_scale, s_tex / tex_scale, atol=atol * 10, rtol=0)
+
+
 def test_float32_matches_float64():
     fv = random_faces(2, 200, seed=18, special=False)
     tex = random_textures(fv, "surface", seed=19, res=1)
@@ -268,7 +302,7 @@ def test_input_errors():
     strided = torch.cat([fv, fv], dim=-1)[..., :3]
     assert not strided.is_contiguous()
     with pytest.raises(RuntimeError, match="contiguous"):
-        _C.forward(strided, tex, *args, False, True, True)
+        _C.forward(strided, tex, *args, False, True, True, True)
     torch.testing.assert_close(soft_rasterize(strided, tex, settings).image, soft_rasterize(fv, tex, settings).image)
 
 

@@ -73,6 +73,8 @@ class RasterSettings:
         return_p2f: also compute SoftRas/UMR's ``p2f`` (softmax RGB only; zero otherwise).
         p2f_align_corners: pixel-grid convention of ``p2f`` (True = the original's).
         binning: skip far faces by screen tiles (False: every pixel visits every face; for tests).
+        vectorize: the CPU kernel evaluates a face on several pixels of a row at once (SIMD
+            lanes); False runs the per-pixel math the CUDA kernel runs (for tests). CUDA ignores it.
         rgb_geometry_grad: False makes the RGB image pass gradients to the textures only, as if
             the geometry were detached, while alpha keeps its geometry gradient (one render then
             serves a silhouette loss and a texture loss that must not move the shape).
@@ -94,6 +96,7 @@ class RasterSettings:
     return_p2f: bool = False
     p2f_align_corners: bool = True
     binning: bool = True
+    vectorize: bool = True
     rgb_geometry_grad: bool = True
 
     def __post_init__(self):
@@ -149,7 +152,8 @@ class _SoftRasterize(torch.autograd.Function):
         C = _kernels()
         args = settings._kernel_args()
         (image, face_index, depth, softmax_sum, softmax_max, p2f, face_info, face_ranges, bin_offsets, bin_faces) = (
-            C.forward(face_vertices, textures, *args, settings.return_p2f, settings.p2f_align_corners, settings.binning)
+            C.forward(face_vertices, textures, *args, settings.return_p2f, settings.p2f_align_corners, settings.binning,
+                      settings.vectorize)
         )
         ctx.save_for_backward(
             textures, image, face_index, softmax_sum, softmax_max, face_info, face_ranges, bin_offsets, bin_faces
@@ -167,6 +171,7 @@ class _SoftRasterize(torch.autograd.Function):
             *settings._kernel_args(),
             settings.p2f_align_corners,
             settings.binning,
+            settings.vectorize,
             settings.rgb_geometry_grad,
         )
         return (grad_fv if ctx.needs_input_grad[0] else None, grad_tex if ctx.needs_input_grad[1] else None, None)

@@ -12,7 +12,8 @@ namespace {
 RasterConfig make_config(int64_t image_size, const std::vector<double>& background, double near, double far,
                          double eps, double sigma, double gamma, double dist_eps, int64_t dist_func,
                          int64_t aggr_rgb, int64_t aggr_alpha, int64_t texture_type, bool double_side,
-                         bool return_p2f, bool p2f_align_corners, bool binning, bool rgb_geometry_grad = true) {
+                         bool return_p2f, bool p2f_align_corners, bool binning, bool vectorize,
+                         bool rgb_geometry_grad = true) {
   TORCH_CHECK(image_size >= 1 && image_size <= 16384, "umr rasterizer: image_size must be in [1, 16384], got ",
               image_size);
   TORCH_CHECK(background.size() == 3, "umr rasterizer: background must have 3 values (RGB), got ",
@@ -42,6 +43,7 @@ RasterConfig make_config(int64_t image_size, const std::vector<double>& backgrou
   cfg.return_p2f = return_p2f;
   cfg.p2f_align_corners = p2f_align_corners;
   cfg.binning = binning;
+  cfg.vectorize = vectorize;
   cfg.rgb_geometry_grad = rgb_geometry_grad;
   return cfg;
 }
@@ -81,11 +83,11 @@ std::vector<at::Tensor> forward(const at::Tensor& face_vertices, const at::Tenso
                                 const std::vector<double>& background, double near, double far, double eps,
                                 double sigma, double gamma, double dist_eps, int64_t dist_func, int64_t aggr_rgb,
                                 int64_t aggr_alpha, int64_t texture_type, bool double_side, bool return_p2f,
-                                bool p2f_align_corners, bool binning) {
+                                bool p2f_align_corners, bool binning, bool vectorize) {
   check_inputs(face_vertices, textures, texture_type);
   const RasterConfig cfg = make_config(image_size, background, near, far, eps, sigma, gamma, dist_eps, dist_func,
                                        aggr_rgb, aggr_alpha, texture_type, double_side, return_p2f,
-                                       p2f_align_corners, binning);
+                                       p2f_align_corners, binning, vectorize);
   if (face_vertices.is_cuda()) {
 #ifdef UMR_WITH_CUDA
     return forward_cuda(face_vertices, textures, cfg);
@@ -106,10 +108,10 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_image, const at::Tensor&
                                  const std::vector<double>& background, double near, double far, double eps,
                                  double sigma, double gamma, double dist_eps, int64_t dist_func, int64_t aggr_rgb,
                                  int64_t aggr_alpha, int64_t texture_type, bool double_side, bool p2f_align_corners,
-                                 bool binning, bool rgb_geometry_grad) {
+                                 bool binning, bool vectorize, bool rgb_geometry_grad) {
   const RasterConfig cfg = make_config(image_size, background, near, far, eps, sigma, gamma, dist_eps, dist_func,
                                        aggr_rgb, aggr_alpha, texture_type, double_side, false, p2f_align_corners,
-                                       binning, rgb_geometry_grad);
+                                       binning, vectorize, rgb_geometry_grad);
   TORCH_CHECK(grad_image.sizes() == image.sizes(), "umr rasterizer: grad_image must have the image's shape ",
               image.sizes(), ", got ", grad_image.sizes());
   check_tensor(grad_image, "grad_image", face_info);

@@ -18,6 +18,7 @@ struct RasterConfig {
   int dist_func, aggr_rgb, aggr_alpha, texture_type;
   bool double_side, return_p2f, p2f_align_corners;
   bool binning;  // false: every tile lists every face (the unbinned reference computation)
+  bool vectorize;  // CPU: W pixels of a row at once (rasterize_lanes.h); false: the scalar math
   bool rgb_geometry_grad;  // backward only, see rasterize_math.h
 };
 

@@ -1,7 +1,9 @@
 // CPU kernel of the soft rasterizer: binned, parallel over (image, tile) with at::parallel_for.
 // Inside a tile the loop is face-major (ascending face index, so every pixel still sees its
 // faces in order) and visits only the pixels of the face's expanded bounding box; per-face
-// sums (p2f, vertex gradients) are kept locally and added once per (tile, face).
+// sums (p2f, vertex gradients) are kept locally and added once per (tile, face). With
+// RasterConfig::vectorize a face is evaluated on a row's pixels W at a time (rasterize_lanes.h);
+// otherwise one pixel at a time with the scalar math the CUDA kernel runs.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <atomic>
 
 #include "rasterize.h"
+#include "rasterize_lanes.h"
 
 namespace umr {
 namespace {
@@ -73,17 +76,24 @@ inline TileBox tile_box(int64_t item, int64_t nt, int S) {
   return box;
 }
 
-// Pixel-centre coordinates of a tile's columns and rows (computed once per tile, not per pair).
+// Pixel-centre coordinates of a tile's columns and rows (computed once per tile, not per pair);
+// the columns run on past the tile so that a row's last vector of lanes reads finite values.
 template <typename T>
 struct TileCoords {
-  T x[kTileSize], y[kTileSize];
+  T x[kTileSize + lanes::kMaxLanes], y[kTileSize];
   TileCoords(const TileBox& box, int S) {
-    for (int i = 0; i < kTileSize; ++i) {
-      x[i] = pixel_x<T>(box.c0 + i, S);
-      y[i] = pixel_y<T>(box.r0 + i, S);
-    }
+    for (int i = 0; i < kTileSize + lanes::kMaxLanes; ++i) x[i] = pixel_x<T>(box.c0 + i, S);
+    for (int i = 0; i < kTileSize; ++i) y[i] = pixel_y<T>(box.r0 + i, S);
   }
 };
+
+// Lanes j with c + j <= c_hi.
+template <typename T>
+inline lanes::Ints<T> lanes_up_to(int c, int c_hi) {
+  lanes::Ints<T> mask;
+  for (int j = 0; j < lanes::VecTraits<T>::W; ++j) mask[j] = c + j <= c_hi ? -1 : 0;
+  return mask;
+}
 
 // The tile-relative rows and columns (inclusive) where a face passes the exact bounding-box
 // test: the test is separable, so it is applied once per row and column instead of per pixel.
@@ -140,18 +150,44 @@ struct RowClipper {
   }
 };
 
+// Adds face f to the pixels [c_lo, c_hi] of tile row r, W lanes at a time.
+template <typename T>
+void forward_row_lanes(const T* finfo, const T* ftex, int f, const TileBox& box, const TileCoords<T>& xy, int r,
+                       int c_lo, int c_hi, const Settings<T>& s, bool return_p2f, lanes::TileState<T>& state,
+                       T* p2f_sum) {
+  constexpr int W = lanes::VecTraits<T>::W;
+  for (int c = c_lo; c <= c_hi; c += W) {
+    const int i = r * kTileSize + c;
+    auto mask = lanes_up_to<T>(c, c_hi) & ~lanes::face_is_inert(finfo, s, state, i);
+    if (!lanes::any(mask)) continue;
+    lanes::CoverageLanes<T> cov;
+    mask &= lanes::eval_coverage(finfo, lanes::load(xy.x + c), xy.y[r], s, cov);
+    if (!lanes::any(mask)) continue;
+    const lanes::Vec<T> u = lanes::update_pixels(finfo, ftex, f, cov, mask, s, state, i);
+    if (!return_p2f) continue;
+    for (int j = 0; j < W; ++j) {
+      if (u[j] == T(0)) continue;
+      T g[2];
+      p2f_grid(box.r0 + r, box.c0 + c + j, s, g);
+      p2f_sum[0] += u[j] * g[0];
+      p2f_sum[1] += u[j] * g[1];
+      p2f_sum[2] += u[j];
+    }
+  }
+}
+
 template <typename T>
 void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t* offsets, const int32_t* bins,
-                   int64_t B, int64_t F, const Settings<T>& s, bool return_p2f, T* image, int64_t* face_index,
-                   T* depth, T* softmax_sum, T* softmax_max, T* p2f) {
+                   int64_t B, int64_t F, const Settings<T>& s, bool return_p2f, bool vectorize, T* image,
+                   int64_t* face_index, T* depth, T* softmax_sum, T* softmax_max, T* p2f) {
   const int S = s.image_size;
   const int64_t nt = num_tiles(S), plane = int64_t(S) * S;
   at::parallel_for(0, B * nt * nt, 1, [&](int64_t begin, int64_t end) {
-    PixelState<T> state[kTileSize * kTileSize];
+    lanes::TileState<T> state;
     for (int64_t item = begin; item < end; ++item) {
       const TileBox box = tile_box(item, nt, S);
       const TileCoords<T> xy(box, S);
-      for (int i = 0; i < kTileSize * kTileSize; ++i) init_pixel(s, state[i]);
+      state.init(s);
       for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
         const int f = bins[k];
         const int64_t face = box.b * F + f;
@@ -163,12 +199,17 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
         for (int r = span.r0; r <= span.r1; ++r) {
           int c_lo = span.c0, c_hi = span.c1;
           rows.clip(xy.y[r], box.c0, S, c_lo, c_hi);
+          if (vectorize) {
+            forward_row_lanes(finfo, ftex, f, box, xy, r, c_lo, c_hi, s, return_p2f, state, p2f_sum);
+            continue;
+          }
           for (int c = c_lo; c <= c_hi; ++c) {
-            PixelState<T>& pixel = state[r * kTileSize + c];
+            PixelState<T> pixel = state.get(r * kTileSize + c);
             if (face_is_inert(finfo, s, pixel)) continue;
             Coverage<T> cov;
             if (!eval_coverage<T, true>(finfo, xy.x[c], xy.y[r], s, cov)) continue;
             const T u = update_pixel(finfo, ftex, f, cov, s, pixel);
+            state.set(r * kTileSize + c, pixel);
             if (return_p2f && u != T(0)) {
               T g[2];
               p2f_grid(box.r0 + r, box.c0 + c, s, g);
@@ -183,7 +224,7 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
       }
       for (int r = box.r0; r < box.r1; ++r) {
         for (int c = box.c0; c < box.c1; ++c) {
-          const PixelState<T>& p = state[(r - box.r0) * kTileSize + (c - box.c0)];
+          const PixelState<T> p = state.get((r - box.r0) * kTileSize + (c - box.c0));
           const int64_t pix = int64_t(r) * S + c;
           T rgba[4];
           finish_pixel(p, s, rgba);
@@ -200,24 +241,66 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
   });
 }
 
-// What the backward needs of one pixel, gathered once per tile.
+// Spreads a pair's texture gradient (weight w at clipped barycentrics wb, see TextureGrad) over
+// the tile's per-face accumulator; touched lists the texels to flush.
 template <typename T>
-struct SavedPixel {
-  T g[4], rgba[4];
-  T ssum, smax;
-  int fbest;
-  bool any_grad;
-};
+inline void add_texture_grad(const TextureGrad<T>& tg, const T* g, std::vector<T>& tex_acc, std::vector<int>& touched) {
+  for (int i = 0; i < tg.count; ++i) {
+    T* acc = tex_acc.data() + 3 * tg.index[i];
+    if (acc[0] == T(0) && acc[1] == T(0) && acc[2] == T(0)) touched.push_back(tg.index[i]);
+    for (int j = 0; j < 3; ++j) acc[j] += tg.weight[i] * g[j];
+  }
+}
+
+// Gradients of face f at the pixels [c_lo, c_hi] of tile row r, W lanes at a time.
+template <typename T>
+void backward_row_lanes(const T* finfo, const T* ftex, int f, const TileCoords<T>& xy, int r, int c_lo, int c_hi,
+                        const Settings<T>& s, const lanes::TileSaved<T>& saved, lanes::FaceGradLanes<T>& grad,
+                        std::vector<T>& tex_acc, std::vector<int>& touched) {
+  constexpr int W = lanes::VecTraits<T>::W;
+  for (int c = c_lo; c <= c_hi; c += W) {
+    const int i = r * kTileSize + c;
+    auto mask = lanes_up_to<T>(c, c_hi) & (lanes::load(saved.any_grad + i) != T(0));
+    if (!lanes::any(mask)) continue;
+    mask &= ~lanes::pair_is_inert(finfo, f, s, saved, i);
+    if (!lanes::any(mask)) continue;
+    lanes::CoverageLanes<T> cov;
+    mask &= lanes::eval_coverage(finfo, lanes::load(xy.x + c), xy.y[r], s, cov);
+    if (!lanes::any(mask)) continue;
+    lanes::Vec<T> wb[3], tex_weight;
+    lanes::backward_pairs(finfo, ftex, f, cov, mask, s, saved, i, grad, wb, tex_weight);
+    for (int j = 0; j < W; ++j) {
+      if (tex_weight[j] == T(0)) continue;
+      const T g[3] = {saved.g[0][i + j], saved.g[1][i + j], saved.g[2][i + j]};
+      TextureGrad<T> tg;
+      if (s.texture_type == TEX_SURFACE) {
+        const T wbj[3] = {wb[0][j], wb[1][j], wb[2][j]};
+        tg.count = 1;
+        tg.index[0] = surface_texel(wbj, s.tex_res);
+        tg.weight[0] = tex_weight[j];
+      } else {
+        tg.count = 3;
+        for (int v = 0; v < 3; ++v) {
+          tg.index[v] = v;
+          tg.weight[v] = tex_weight[j] * wb[v][j];
+        }
+      }
+      add_texture_grad(tg, g, tex_acc, touched);
+    }
+  }
+}
 
 template <typename T>
 void backward_tiles(const T* grad_image, const T* tex, const T* image, const int64_t* face_index,
                     const T* softmax_sum, const T* softmax_max, const T* info, const int* ranges, const int64_t* offsets,
-                    const int32_t* bins, int64_t B, int64_t F, const Settings<T>& s, T* grad_fv, T* grad_tex) {
+                    const int32_t* bins, int64_t B, int64_t F, const Settings<T>& s, bool vectorize, T* grad_fv,
+                    T* grad_tex) {
   const int S = s.image_size;
   const int64_t nt = num_tiles(S), plane = int64_t(S) * S;
   const bool softmax = s.aggr_rgb == RGB_SOFTMAX;
   at::parallel_for(0, B * nt * nt, 1, [&](int64_t begin, int64_t end) {
-    SavedPixel<T> saved[kTileSize * kTileSize];
+    // what the backward needs of each pixel, gathered once per tile; the padding has no gradient
+    lanes::TileSaved<T> saved{};
     // a face's texture gradient within a tile, added to the shared one once (fewer atomics)
     std::vector<T> tex_acc(size_t(s.texels) * 3, T(0));
     std::vector<int> touched;
@@ -225,19 +308,21 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
     for (int64_t item = begin; item < end; ++item) {
       const TileBox box = tile_box(item, nt, S);
       const TileCoords<T> xy(box, S);
+      for (int i = 0; i < kTileSize * kTileSize; ++i) saved.any_grad[i] = T(0);
       for (int r = box.r0; r < box.r1; ++r) {
         for (int c = box.c0; c < box.c1; ++c) {
-          SavedPixel<T>& p = saved[(r - box.r0) * kTileSize + (c - box.c0)];
+          const int i = (r - box.r0) * kTileSize + (c - box.c0);
           const int64_t pix = int64_t(r) * S + c;
-          p.any_grad = false;
+          bool any_grad = false;
           for (int j = 0; j < 4; ++j) {
-            p.g[j] = grad_image[(box.b * 4 + j) * plane + pix];
-            p.rgba[j] = image[(box.b * 4 + j) * plane + pix];
-            p.any_grad = p.any_grad || p.g[j] != T(0);
+            saved.g[j][i] = grad_image[(box.b * 4 + j) * plane + pix];
+            saved.rgba[j][i] = image[(box.b * 4 + j) * plane + pix];
+            any_grad = any_grad || saved.g[j][i] != T(0);
           }
-          p.ssum = softmax ? softmax_sum[box.b * plane + pix] : T(1);
-          p.smax = softmax ? softmax_max[box.b * plane + pix] : T(0);
-          p.fbest = int(face_index[box.b * plane + pix]);
+          saved.any_grad[i] = any_grad ? T(1) : T(0);
+          saved.ssum[i] = softmax ? softmax_sum[box.b * plane + pix] : T(1);
+          saved.smax[i] = softmax ? softmax_max[box.b * plane + pix] : T(0);
+          saved.fbest[i] = lanes::IntOf<T>(face_index[box.b * plane + pix]);
         }
       }
       for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
@@ -249,23 +334,29 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
         const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
         const RowClipper<T> rows(finfo, s);
         T grad_face[9] = {};
+        lanes::FaceGradLanes<T> grad_lanes;
         for (int r = span.r0; r <= span.r1; ++r) {
           int c_lo = span.c0, c_hi = span.c1;
           rows.clip(xy.y[r], box.c0, S, c_lo, c_hi);
+          if (vectorize) {
+            backward_row_lanes(finfo, ftex, f, xy, r, c_lo, c_hi, s, saved, grad_lanes, tex_acc, touched);
+            continue;
+          }
           for (int c = c_lo; c <= c_hi; ++c) {
-            const SavedPixel<T>& p = saved[r * kTileSize + c];
-            if (!p.any_grad || pair_is_inert(finfo, f, s, p.g, p.rgba, p.smax, p.fbest)) continue;
+            const int i = r * kTileSize + c;
+            if (saved.any_grad[i] == T(0)) continue;
+            const T g[4] = {saved.g[0][i], saved.g[1][i], saved.g[2][i], saved.g[3][i]};
+            const T rgba[4] = {saved.rgba[0][i], saved.rgba[1][i], saved.rgba[2][i], saved.rgba[3][i]};
+            const int fbest = int(saved.fbest[i]);
+            if (pair_is_inert(finfo, f, s, g, rgba, saved.smax[i], fbest)) continue;
             Coverage<T> cov;
             if (!eval_coverage<T, true>(finfo, xy.x[c], xy.y[r], s, cov)) continue;
             TextureGrad<T> tg;
-            backward_pair(finfo, ftex, f, cov, s, p.g, p.rgba, p.ssum, p.smax, p.fbest, grad_face, tg);
-            for (int i = 0; i < tg.count; ++i) {
-              T* acc = tex_acc.data() + 3 * tg.index[i];
-              if (acc[0] == T(0) && acc[1] == T(0) && acc[2] == T(0)) touched.push_back(tg.index[i]);
-              for (int j = 0; j < 3; ++j) acc[j] += tg.weight[i] * p.g[j];
-            }
+            backward_pair(finfo, ftex, f, cov, s, g, rgba, saved.ssum[i], saved.smax[i], fbest, grad_face, tg);
+            add_texture_grad(tg, g, tex_acc, touched);
           }
         }
+        if (vectorize) grad_lanes.add_to(grad_face);
         for (const int texel : touched) {
           for (int j = 0; j < 3; ++j) {
             T& acc = tex_acc[3 * texel + j];
@@ -305,7 +396,7 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& face_vertices, const at::T
     bins = bin_faces(ranges, B, F, nt);
     forward_tiles(textures.data_ptr<scalar_t>(), info.data_ptr<scalar_t>(), ranges.data_ptr<int>(),
                   bins[0].data_ptr<int64_t>(), bins[1].data_ptr<int32_t>(), B, F, s, cfg.return_p2f,
-                  image.data_ptr<scalar_t>(), face_index.data_ptr<int64_t>(), depth.data_ptr<scalar_t>(),
+                  cfg.vectorize, image.data_ptr<scalar_t>(), face_index.data_ptr<int64_t>(), depth.data_ptr<scalar_t>(),
                   softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
                   softmax ? softmax_max.data_ptr<scalar_t>() : nullptr,
                   cfg.return_p2f ? p2f.data_ptr<scalar_t>() : nullptr);
@@ -329,7 +420,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_image, const at::Ten
                    face_index.data_ptr<int64_t>(), softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
                    softmax ? softmax_max.data_ptr<scalar_t>() : nullptr, face_info.data_ptr<scalar_t>(),
                    face_ranges.data_ptr<int>(), bin_offsets.data_ptr<int64_t>(), bin_faces.data_ptr<int32_t>(), B, F, s,
-                   grad_fv.data_ptr<scalar_t>(), grad_tex.data_ptr<scalar_t>());
+                   cfg.vectorize, grad_fv.data_ptr<scalar_t>(), grad_tex.data_ptr<scalar_t>());
   });
   return {grad_fv, grad_tex};
 }
