@@ -17,9 +17,19 @@
 namespace umr {
 namespace {
 
+// Adds to a per-face sum. A face's sums are only touched by the tiles of its own image, so a
+// task that holds all of an image's tiles owns them and adds without an atomic.
 template <typename T>
-inline void atomic_add(T* address, T value) {
-  std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+inline void add_face_sum(T* address, T value, bool exclusive) {
+  if (exclusive)
+    *address += value;
+  else
+    std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
+}
+
+// Does the task of tiles [begin, end) hold every tile of image b?
+inline bool owns_image(int64_t b, int64_t tiles_per_image, int64_t begin, int64_t end) {
+  return b * tiles_per_image >= begin && (b + 1) * tiles_per_image <= end;
 }
 
 template <typename T>
@@ -87,14 +97,6 @@ struct TileCoords {
   }
 };
 
-// Lanes j with c + j <= c_hi.
-template <typename T>
-inline lanes::Ints<T> lanes_up_to(int c, int c_hi) {
-  lanes::Ints<T> mask;
-  for (int j = 0; j < lanes::VecTraits<T>::W; ++j) mask[j] = c + j <= c_hi ? -1 : 0;
-  return mask;
-}
-
 // The tile-relative rows and columns (inclusive) where a face passes the exact bounding-box
 // test: the test is separable, so it is applied once per row and column instead of per pixel.
 struct Span {
@@ -158,7 +160,7 @@ void forward_row_lanes(const T* finfo, const T* ftex, int f, const TileBox& box,
   constexpr int W = lanes::VecTraits<T>::W;
   for (int c = c_lo; c <= c_hi; c += W) {
     const int i = r * kTileSize + c;
-    auto mask = lanes_up_to<T>(c, c_hi) & ~lanes::face_is_inert(finfo, s, state, i);
+    auto mask = lanes::first_lanes<T>(c_hi - c + 1) & ~lanes::face_is_inert(finfo, s, state, i);
     if (!lanes::any(mask)) continue;
     lanes::CoverageLanes<T> cov;
     mask &= lanes::eval_coverage(finfo, lanes::load(xy.x + c), xy.y[r], s, cov);
@@ -187,6 +189,7 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
     for (int64_t item = begin; item < end; ++item) {
       const TileBox box = tile_box(item, nt, S);
       const TileCoords<T> xy(box, S);
+      const bool exclusive = owns_image(box.b, nt * nt, begin, end);
       state.init(s);
       for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
         const int f = bins[k];
@@ -220,7 +223,7 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
           }
         }
         if (p2f_sum[2] != T(0))
-          for (int j = 0; j < 3; ++j) atomic_add(p2f + 3 * face + j, p2f_sum[j]);
+          for (int j = 0; j < 3; ++j) add_face_sum(p2f + 3 * face + j, p2f_sum[j], exclusive);
       }
       for (int r = box.r0; r < box.r1; ++r) {
         for (int c = box.c0; c < box.c1; ++c) {
@@ -260,7 +263,7 @@ void backward_row_lanes(const T* finfo, const T* ftex, int f, const TileCoords<T
   constexpr int W = lanes::VecTraits<T>::W;
   for (int c = c_lo; c <= c_hi; c += W) {
     const int i = r * kTileSize + c;
-    auto mask = lanes_up_to<T>(c, c_hi) & (lanes::load(saved.any_grad + i) != T(0));
+    auto mask = lanes::first_lanes<T>(c_hi - c + 1) & (lanes::load(saved.any_grad + i) != T(0));
     if (!lanes::any(mask)) continue;
     mask &= ~lanes::pair_is_inert(finfo, f, s, saved, i);
     if (!lanes::any(mask)) continue;
@@ -268,21 +271,26 @@ void backward_row_lanes(const T* finfo, const T* ftex, int f, const TileCoords<T
     mask &= lanes::eval_coverage(finfo, lanes::load(xy.x + c), xy.y[r], s, cov);
     if (!lanes::any(mask)) continue;
     lanes::Vec<T> wb[3], tex_weight;
-    lanes::backward_pairs(finfo, ftex, f, cov, mask, s, saved, i, grad, wb, tex_weight);
+    lanes::Ints<T> texel{};
+    lanes::backward_pairs(finfo, ftex, f, cov, mask, s, saved, i, grad, wb, tex_weight, texel);
+    T weight[W], bary[3][W];  // through memory: cheaper than extracting lane by lane
+    lanes::IntOf<T> lane_texel[W];
+    lanes::store(weight, tex_weight);
+    for (int v = 0; v < 3; ++v) lanes::store(bary[v], wb[v]);
+    lanes::store_ints<T>(lane_texel, texel);
     for (int j = 0; j < W; ++j) {
-      if (tex_weight[j] == T(0)) continue;
+      if (weight[j] == T(0)) continue;
       const T g[3] = {saved.g[0][i + j], saved.g[1][i + j], saved.g[2][i + j]};
       TextureGrad<T> tg;
       if (s.texture_type == TEX_SURFACE) {
-        const T wbj[3] = {wb[0][j], wb[1][j], wb[2][j]};
         tg.count = 1;
-        tg.index[0] = surface_texel(wbj, s.tex_res);
-        tg.weight[0] = tex_weight[j];
+        tg.index[0] = int(lane_texel[j]);
+        tg.weight[0] = weight[j];
       } else {
         tg.count = 3;
         for (int v = 0; v < 3; ++v) {
           tg.index[v] = v;
-          tg.weight[v] = tex_weight[j] * wb[v][j];
+          tg.weight[v] = weight[j] * bary[v][j];
         }
       }
       add_texture_grad(tg, g, tex_acc, touched);
@@ -306,8 +314,10 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
     std::vector<int> touched;
     touched.reserve(s.texels);
     for (int64_t item = begin; item < end; ++item) {
+      if (offsets[item] == offsets[item + 1]) continue;  // no face reaches the tile: no gradient
       const TileBox box = tile_box(item, nt, S);
       const TileCoords<T> xy(box, S);
+      const bool exclusive = owns_image(box.b, nt * nt, begin, end);
       for (int i = 0; i < kTileSize * kTileSize; ++i) saved.any_grad[i] = T(0);
       for (int r = box.r0; r < box.r1; ++r) {
         for (int c = box.c0; c < box.c1; ++c) {
@@ -360,13 +370,13 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
         for (const int texel : touched) {
           for (int j = 0; j < 3; ++j) {
             T& acc = tex_acc[3 * texel + j];
-            if (acc != T(0)) atomic_add(gtex + 3 * texel + j, acc);
+            if (acc != T(0)) add_face_sum(gtex + 3 * texel + j, acc, exclusive);
             acc = T(0);
           }
         }
         touched.clear();
         for (int j = 0; j < 9; ++j)
-          if (grad_face[j] != T(0)) atomic_add(grad_fv + 9 * face + j, grad_face[j]);
+          if (grad_face[j] != T(0)) add_face_sum(grad_fv + 9 * face + j, grad_face[j], exclusive);
       }
     }
   });

@@ -13,6 +13,10 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "rasterize_math.h"
 
 // Lane functions are small and called once per row vector: always inlined.
@@ -102,9 +106,20 @@ UMR_LANES V select(M mask, LaneOf<V> a, V b) {
 }
 template <typename M>
 UMR_LANES bool any(M mask) {
+#if defined(__AVX__)
+  return !_mm256_testz_si256((__m256i)mask, (__m256i)mask);  // one instruction instead of W extracts
+#else
   LaneOf<M> acc = 0;
   for (int j = 0; j < num_lanes<M>(); ++j) acc |= mask[j];
   return acc != 0;
+#endif
+}
+// Lanes j with j < n.
+template <typename T>
+UMR_LANES Ints<T> first_lanes(int n) {
+  Ints<T> iota;
+  for (int j = 0; j < VecTraits<T>::W; ++j) iota[j] = IntOf<T>(j);
+  return iota < IntOf<T>(n);
 }
 template <typename V>
 UMR_LANES LaneOf<V> sum_lanes(V v) {
@@ -256,20 +271,41 @@ UMR_LANES Vec<T> clipped_depth(const T* info, const Vec<T>* w, Vec<T>* wb) {
   return T(1) / (wb[0] * info[27] + wb[1] * info[28] + wb[2] * info[29]);
 }
 
-// face_color of the lanes in mask (others: 0). Surface textures are read per lane (a gather).
+// surface_texel of every lane.
 template <typename T>
-UMR_LANES void face_color(const T* tex, const Vec<T>* wb, Ints<T> mask, const Settings<T>& s, Vec<T>* color) {
+UMR_LANES Ints<T> surface_texel(const Vec<T>* wb, int R) {
+  const Vec<T> u = wb[0], v = wb[1];
+  const Ints<T> zero = splat_int<T>(0), last = splat_int<T>(R - 1);
+  Ints<T> i = __builtin_convertvector(u * T(R), Ints<T>), j = __builtin_convertvector(v * T(R), Ints<T>);
+  i = i > 0 ? i : zero;
+  i = i < R - 1 ? i : last;
+  j = j > 0 ? j : zero;
+  j = j < R - 1 ? j : last;
+  const Vec<T> lam = (u + v) * T(R) - __builtin_convertvector(i, Vec<T>) - __builtin_convertvector(j, Vec<T>);
+  return lam <= T(1) ? j * IntOf<T>(R) + i : (last - j) * IntOf<T>(R) + (last - i);
+}
+
+// face_color of the lanes in mask (others: 0); texel: the surface texel of every lane. Surface
+// textures are read lane by lane (a gather).
+template <typename T>
+UMR_LANES void face_color(const T* tex, const Vec<T>* wb, Ints<T> mask, const Settings<T>& s, Vec<T>* color,
+                          Ints<T>& texel) {
   if (s.texture_type == TEX_VERTEX) {
     for (int k = 0; k < 3; ++k) color[k] = select(mask, wb[0] * tex[k] + wb[1] * tex[3 + k] + wb[2] * tex[6 + k], T(0));
     return;
   }
-  for (int k = 0; k < 3; ++k) color[k] = splat(T(0));
-  for (int j = 0; j < VecTraits<T>::W; ++j) {
-    if (!mask[j]) continue;
-    const T wbj[3] = {wb[0][j], wb[1][j], wb[2][j]};
-    const T* c = tex + 3 * surface_texel(wbj, s.tex_res);
-    for (int k = 0; k < 3; ++k) color[k][j] = c[k];
+  constexpr int W = VecTraits<T>::W;
+  texel = surface_texel<T>(wb, s.tex_res);
+  IntOf<T> lane_texel[W], lane_on[W];  // through memory: cheaper than extracting lane by lane
+  store_ints<T>(lane_texel, texel);
+  store_ints<T>(lane_on, mask);
+  T gathered[3][W] = {};
+  for (int j = 0; j < W; ++j) {
+    if (!lane_on[j]) continue;
+    const T* c = tex + 3 * lane_texel[j];
+    for (int k = 0; k < 3; ++k) gathered[k][j] = c[k];
   }
+  for (int k = 0; k < 3; ++k) color[k] = load(gathered[k]);
 }
 
 // Running state of a tile's pixels, one array per field (rows of kTileSize pixels), padded so
@@ -343,12 +379,13 @@ UMR_LANES Vec<T> update_pixels(const T* info, const T* tex, int f, const Coverag
   store(st.zbest + i, select(wins, zp, zbest));
   store_ints<T>(st.fbest + i, wins ? splat_int<T>(f) : load_ints<T>(st.fbest + i));
   Vec<T> color[3];
+  Ints<T> texel{};
   if (s.aggr_rgb == RGB_HARD) {
-    face_color(tex, wb, wins, s, color);
+    face_color(tex, wb, wins, s, color, texel);
     for (int k = 0; k < 3; ++k) store(st.color[k] + i, select(wins, color[k], load(st.color[k] + i)));
     return splat(T(0));
   }
-  face_color(tex, wb, rgb, s, color);
+  face_color(tex, wb, rgb, s, color, texel);
   const Vec<T> zeta = (s.far - zp) * s.inv_depth_range;
   const Vec<T> smax = load(st.smax + i);
   const Ints<T> new_max = zeta > smax;  // a new maximum: its own weight is exp(0) = 1
@@ -401,12 +438,12 @@ struct FaceGradLanes {
   }
 };
 
-// backward_pair on the lanes in mask. Texture gradients are returned per lane: texel index
-// (surface) and weight, to be spread by the caller; weight 0 means none.
+// backward_pair on the lanes in mask. Texture gradients are returned per lane, to be spread by
+// the caller: weight (0: none) and, for surface textures, the texel.
 template <typename T>
 UMR_LANES void backward_pairs(const T* info, const T* tex, int f, const CoverageLanes<T>& cov, Ints<T> mask,
                            const Settings<T>& s, const TileSaved<T>& sv, int i, FaceGradLanes<T>& grad,
-                           Vec<T>* wb, Vec<T>& tex_weight) {
+                           Vec<T>* wb, Vec<T>& tex_weight, Ints<T>& texel) {
   Vec<T> g[4], rgba[4];
   for (int k = 0; k < 4; ++k) {
     g[k] = load(sv.g[k] + i);
@@ -424,7 +461,7 @@ UMR_LANES void backward_pairs(const T* info, const T* tex, int f, const Coverage
   tex_weight = splat(T(0));
   if (s.aggr_rgb == RGB_SOFTMAX) {
     Vec<T> color[3];
-    face_color(tex, wb, rgb, s, color);
+    face_color(tex, wb, rgb, s, color, texel);
     const Vec<T> zeta = (s.far - zp) * s.inv_depth_range;
     const Vec<T> weight_over_D = vector_exp((zeta - load(sv.smax + i)) * s.inv_gamma) / load(sv.ssum + i);
     const Vec<T> omega = weight_over_D * cov.D;
@@ -438,6 +475,7 @@ UMR_LANES void backward_pairs(const T* info, const T* tex, int f, const Coverage
   } else {
     const Ints<T> winner = rgb & (load_ints<T>(sv.fbest + i) == IntOf<T>(f));
     tex_weight = select(winner, splat(T(1)), T(0));
+    if (s.texture_type == TEX_SURFACE) texel = surface_texel<T>(wb, s.tex_res);
   }
   if (s.dist_func == DIST_HARD) return;
   const Vec<T> d_eta = dD * cov.D * (T(1) - cov.D) * s.inv_sigma;  // through the sigmoid
