@@ -262,6 +262,23 @@ def test_vectorized_equals_per_pixel(dtype, atol, texture_type):
     torch.testing.assert_close(l_tex / tex_scale, s_tex / tex_scale, atol=atol * 10, rtol=0)
 
 
+@pytest.mark.parametrize("dtype,lo,hi", [(torch.float32, -120.0, 100.0), (torch.float64, -800.0, 720.0)])
+def test_lanes_exp_matches_libm(dtype, lo, hi):
+    # the SIMD lanes' exp (the one operation that does not round as the scalar math): within
+    # 2 eps relative in the normal range, one subnormal step below it, 0 / inf / NaN as libm
+    x = torch.linspace(lo, hi, 200001, dtype=torch.float64).to(dtype)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")], dtype=dtype)])
+    y = _C.lanes_exp(x)
+    ref, exact = torch.exp(x), torch.exp(x.double())
+    info = torch.finfo(dtype)
+    normal = torch.isfinite(ref) & (ref >= info.smallest_normal)
+    assert ((y.double() - exact) / exact)[normal].abs().max() <= 2 * info.eps
+    subnormal = (ref < info.smallest_normal) & ~torch.isnan(x)
+    assert (y.double() - exact)[subnormal].abs().max() <= info.smallest_normal * info.eps
+    assert torch.equal(torch.isinf(y), torch.isinf(ref)) and torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(y[-5:-1], ref[-5:-1])  # exp(±0) = 1, exp(inf) = inf, exp(-inf) = 0
+
+
 def test_float32_matches_float64():
     fv = random_faces(2, 200, seed=18, special=False)
     tex = random_textures(fv, "surface", seed=19, res=1)

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "rasterize.h"
+#include "rasterize_lanes.h"
 
 namespace umr {
 namespace {
@@ -129,6 +130,28 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_image, const at::Tensor&
                       bin_offsets, bin_faces, cfg);
 }
 
+// exp of a CPU tensor through the CPU kernel's vector lanes (for the tests: the one function of
+// rasterize_lanes.h that does not round exactly as the scalar math).
+at::Tensor lanes_exp(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "umr lanes_exp: needs a float32 or float64 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "umr_lanes_exp", [&] {
+    constexpr int W = lanes::VecTraits<scalar_t>::W;
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < in.numel(); i += W) {
+      scalar_t buf[W] = {};
+      const int64_t n = std::min<int64_t>(W, in.numel() - i);
+      std::copy(src + i, src + i + n, buf);
+      lanes::store(buf, lanes::vector_exp(lanes::load(buf)));
+      std::copy(buf, buf + n, dst + i);
+    }
+  });
+  return out;
+}
+
 std::vector<std::string> available_devices() {
 #ifdef UMR_WITH_CUDA
   return {"cpu", "cuda"};
@@ -145,6 +168,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &umr::forward, "Soft rasterizer forward (see umr.renderer.soft_rasterize)");
   m.def("backward", &umr::backward, "Soft rasterizer backward");
   m.def("available_devices", &umr::available_devices, "Devices this build supports");
+  m.def("lanes_exp", &umr::lanes_exp, "exp through the CPU kernel's SIMD lanes (for tests)");
   m.attr("tile_size") = umr::kTileSize;
   m.attr("face_info_size") = umr::kFaceInfoSize;
 }

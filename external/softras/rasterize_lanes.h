@@ -36,7 +36,7 @@ struct VecTraits<float> {
   // exp: rounding shift 1.5 * 2^23, exponent bias and mantissa bits, argument range
   static constexpr float kRound = 12582912.0f, kLog2e = 1.44269504088896341f;
   static constexpr int kBias = 127, kMantissa = 23;
-  static constexpr float kMinArg = -104.0f, kMaxArg = 88.72f;
+  static constexpr float kMinArg = -104.0f, kMaxArg = 88.7228394f;  // ln(FLT_MAX)
 };
 template <>
 struct VecTraits<double> {
@@ -46,7 +46,7 @@ struct VecTraits<double> {
   static constexpr int W = 4;
   static constexpr double kRound = 6755399441055744.0, kLog2e = 1.4426950408889634074;
   static constexpr int kBias = 1023, kMantissa = 52;
-  static constexpr double kMinArg = -745.2, kMaxArg = 709.78;
+  static constexpr double kMinArg = -745.2, kMaxArg = 709.782712893384;  // ln(DBL_MAX)
 };
 
 constexpr int kMaxLanes = 8;
@@ -153,7 +153,7 @@ UMR_LANES Vec<T> pow2_pair(Ints<T> n, Vec<T> y) {
 
 // exp of every lane: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by the Cephes approximations
 // (expf: degree-6 polynomial; exp: a [2/3] rational function), times 2^n. Exactly 0 below
-// the denormal range and +inf above the largest finite value, like libm.
+// the denormal range, +inf above the largest finite value and NaN for NaN, like libm.
 UMR_LANES Vec<float> vector_exp(Vec<float> x) {
   using Tr = VecTraits<float>;
   const Vec<float> xc = vclamp(x, Tr::kMinArg, Tr::kMaxArg);
@@ -171,7 +171,7 @@ UMR_LANES Vec<float> vector_exp(Vec<float> x) {
   y = y * r + 5.0000001201e-1f;
   y = y * z + r + 1.0f;
   const Vec<float> e = pow2_pair<float>(ni, y);
-  return select(x < Tr::kMinArg, 0.0f, select(x > Tr::kMaxArg, float(INFINITY), e));
+  return select(x < Tr::kMinArg, 0.0f, select(x > Tr::kMaxArg, float(INFINITY), select(x == x, e, x)));
 }
 
 UMR_LANES Vec<double> vector_exp(Vec<double> x) {
@@ -190,7 +190,7 @@ UMR_LANES Vec<double> vector_exp(Vec<double> x) {
       2.00000000000000000009e0;
   const Vec<double> y = 1.0 + 2.0 * (p / (q - p));
   const Vec<double> e = pow2_pair<double>(ni, y);
-  return select(x < Tr::kMinArg, 0.0, select(x > Tr::kMaxArg, double(INFINITY), e));
+  return select(x < Tr::kMinArg, 0.0, select(x > Tr::kMaxArg, double(INFINITY), select(x == x, e, x)));
 }
 
 template <typename V>
