@@ -402,7 +402,7 @@ UMR_LANES Vec<T> update_pixels(const T* info, const T* tex, int f, const Coverag
   return u;
 }
 
-// What the backward needs of a tile's pixels (SavedPixel of the CPU kernel), one array per field.
+// What the backward needs of a tile's pixels, one array per field (padded as TileState).
 template <typename T>
 struct TileSaved {
   static constexpr int kSize = kTileSize * kTileSize + kMaxLanes;
