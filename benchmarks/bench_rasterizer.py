@@ -5,6 +5,8 @@ of the frame, 256 x 256 raster (no supersampling), euclidean + softmax + prod, U
 gamma / dist_eps, 6 x 6 texels per face, float32; forward, then backward of image.sum().
 R2: 4 such meshes at 128 x 128, ours vs the dense PyTorch reference (forward + backward).
 scaling_image: R1 forward + backward ms at 64..512 px; scaling_faces: at 320/1280/5120 faces.
+r1_per_pixel_ms: R1 forward + backward with the SIMD lanes off (RasterSettings.vectorize=False,
+the per-pixel math of the CUDA kernel), for comparison with scaling_image["256"].
 
     python -m benchmarks.bench_rasterizer [--repeats 7]
 """
@@ -43,8 +45,8 @@ def textures_for(face_vertices, texels=36, seed=1):
     return torch.rand(*face_vertices.shape[:2], texels, 3, generator=g)
 
 
-def settings(size: int) -> RasterSettings:
-    return RasterSettings(image_size=size, sigma_val=1e-5, gamma_val=1e-4, dist_eps=1e-10)
+def settings(size: int, vectorize: bool = True) -> RasterSettings:
+    return RasterSettings(image_size=size, sigma_val=1e-5, gamma_val=1e-4, dist_eps=1e-10, vectorize=vectorize)
 
 
 def time_ms(fn, repeats: int) -> float:
@@ -117,6 +119,7 @@ def main():
         str(size): round(time_ms(lambda: forward_backward(soft_rasterize, r1, tex1, settings(size)), args.repeats), 2)
         for size in (64, 128, 256, 512)
     }
+    per_pixel_ms = time_ms(lambda: forward_backward(soft_rasterize, r1, tex1, settings(256, vectorize=False)), args.repeats)
     scaling_faces = {}
     for level in (2, 3, 4):
         fvs = bird_blobs(8, level)
@@ -136,6 +139,7 @@ def main():
                 "r2_speedup_vs_dense": round(dense_ms / ours_ms, 1),
                 "scaling_image": scaling_image,
                 "scaling_faces": scaling_faces,
+                "r1_per_pixel_ms": round(per_pixel_ms, 2),
                 "threads": torch.get_num_threads(),
             }
         )
