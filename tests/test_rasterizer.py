@@ -1,5 +1,6 @@
 """The C++ soft-rasterizer kernel against the dense PyTorch reference (spec soft_rasterizer.md)."""
 import itertools
+import os
 from dataclasses import replace
 
 import pytest
@@ -237,8 +238,22 @@ def test_binned_equals_unbinned(dtype):
     torch.testing.assert_close(g_tex / tex_scale, d_tex / tex_scale, atol=1e-6, rtol=0)
 
 
+def test_simd_lanes_built_where_the_machine_has_avx2():
+    # setup.py adds -mavx2 on such machines unless UMR_CPU_SIMD=0: a build that lost the flag
+    # would silently run the slower per-pixel path
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if "avx2" not in flags or os.environ.get("UMR_CPU_SIMD") == "0":
+        pytest.skip("this machine or build has no AVX2")
+    assert _C.cpu_simd
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
 @pytest.mark.parametrize("texture_type", ["surface", "vertex"])
+@pytest.mark.skipif(not _C.cpu_simd, reason="built without AVX2: the CPU kernel has no SIMD lanes")
 def test_vectorized_equals_per_pixel(dtype, atol, texture_type):
     # the SIMD lanes against the per-pixel math on a crowded scene at UMR's sharpness: same
     # z-buffer winners and depths, and images and gradients within a few ulp (only exp differs)

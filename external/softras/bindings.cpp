@@ -169,6 +169,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &umr::backward, "Soft rasterizer backward");
   m.def("available_devices", &umr::available_devices, "Devices this build supports");
   m.def("lanes_exp", &umr::lanes_exp, "exp through the CPU kernel's SIMD lanes (for tests)");
+  m.attr("cpu_simd") = umr::lanes::kAvailable;  // does RasterSettings.vectorize take effect here
   m.attr("tile_size") = umr::kTileSize;
   m.attr("face_info_size") = umr::kFaceInfoSize;
 }

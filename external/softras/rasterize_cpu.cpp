@@ -406,7 +406,7 @@ std::vector<at::Tensor> forward_cpu(const at::Tensor& face_vertices, const at::T
     bins = bin_faces(ranges, B, F, nt);
     forward_tiles(textures.data_ptr<scalar_t>(), info.data_ptr<scalar_t>(), ranges.data_ptr<int>(),
                   bins[0].data_ptr<int64_t>(), bins[1].data_ptr<int32_t>(), B, F, s, cfg.return_p2f,
-                  cfg.vectorize, image.data_ptr<scalar_t>(), face_index.data_ptr<int64_t>(), depth.data_ptr<scalar_t>(),
+                  cfg.vectorize && lanes::kAvailable, image.data_ptr<scalar_t>(), face_index.data_ptr<int64_t>(), depth.data_ptr<scalar_t>(),
                   softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
                   softmax ? softmax_max.data_ptr<scalar_t>() : nullptr,
                   cfg.return_p2f ? p2f.data_ptr<scalar_t>() : nullptr);
@@ -430,7 +430,7 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_image, const at::Ten
                    face_index.data_ptr<int64_t>(), softmax ? softmax_sum.data_ptr<scalar_t>() : nullptr,
                    softmax ? softmax_max.data_ptr<scalar_t>() : nullptr, face_info.data_ptr<scalar_t>(),
                    face_ranges.data_ptr<int>(), bin_offsets.data_ptr<int64_t>(), bin_faces.data_ptr<int32_t>(), B, F, s,
-                   cfg.vectorize, grad_fv.data_ptr<scalar_t>(), grad_tex.data_ptr<scalar_t>());
+                   cfg.vectorize && lanes::kAvailable, grad_fv.data_ptr<scalar_t>(), grad_tex.data_ptr<scalar_t>());
   });
   return {grad_fv, grad_tex};
 }

@@ -1,6 +1,6 @@
 // Lane-parallel form of the per-(pixel, face) math of rasterize_math.h, for the CPU kernel: one
 // face is evaluated on W consecutive pixels of a row at once (W = 8 floats or 4 doubles, one
-// 32-byte vector; AVX2 when the build enables it, two SSE halves otherwise). Each function
+// 32-byte vector; AVX2, see kAvailable). Each function
 // mirrors a scalar one of rasterize_math.h operation for operation, with its data-dependent
 // branches turned into lane masks; the arithmetic is the same IEEE operations in the same
 // order (no FMA contraction), except exp (vector_exp below, within 2 ulp of libm). The scalar
@@ -50,6 +50,14 @@ struct VecTraits<double> {
 };
 
 constexpr int kMaxLanes = 8;
+
+// The CPU kernel takes the lanes only where the compiler targets AVX2: elsewhere GCC splits
+// 32-byte vectors into slow generic code, and the per-pixel path is faster.
+#if defined(__AVX2__)
+constexpr bool kAvailable = true;
+#else
+constexpr bool kAvailable = false;
+#endif
 
 template <typename T>
 using Vec = typename VecTraits<T>::V;
