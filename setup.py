@@ -6,7 +6,7 @@ CUDA build, or when ``FORCE_CUDA=1``; ``FORCE_CUDA=0`` disables it. Without a vi
 target architectures default to ``UMR_DEFAULT_CUDA_ARCHS`` (override with
 ``TORCH_CUDA_ARCH_LIST``). The CPU kernel uses AVX2 when the building machine has it
 (``UMR_CPU_SIMD=0`` builds for the baseline x86-64 instruction set, for other machines; the
-kernel then runs its per-pixel path, ~1.8x slower).
+kernel then runs its per-pixel path, ~1.7x slower).
 """
 import glob
 import os
