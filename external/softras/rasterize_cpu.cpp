@@ -152,6 +152,20 @@ struct RowClipper {
   }
 };
 
+// Calls visit_row(r, c_lo, c_hi) for each tile row r a face can reach, with the inclusive
+// tile-relative columns left by the bounding-box test and the per-row cull span.
+template <typename T, typename Visit>
+inline void for_each_face_row(const T* finfo, const int* range, const TileBox& box, const TileCoords<T>& xy,
+                              const Settings<T>& s, Visit&& visit_row) {
+  const Span span = box_span(finfo, range, box, xy, s);
+  const RowClipper<T> rows(finfo, s);
+  for (int r = span.r0; r <= span.r1; ++r) {
+    int c_lo = span.c0, c_hi = span.c1;
+    rows.clip(xy.y[r], box.c0, s.image_size, c_lo, c_hi);
+    visit_row(r, c_lo, c_hi);
+  }
+}
+
 // Adds face f to the pixels [c_lo, c_hi] of tile row r, W lanes at a time.
 template <typename T>
 void forward_row_lanes(const T* finfo, const T* ftex, int f, const TileBox& box, const TileCoords<T>& xy, int r,
@@ -196,15 +210,11 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
         const int64_t face = box.b * F + f;
         const T* finfo = info + kFaceInfoSize * face;
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
-        const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
-        const RowClipper<T> rows(finfo, s);
         T p2f_sum[3] = {T(0), T(0), T(0)};
-        for (int r = span.r0; r <= span.r1; ++r) {
-          int c_lo = span.c0, c_hi = span.c1;
-          rows.clip(xy.y[r], box.c0, S, c_lo, c_hi);
+        for_each_face_row(finfo, ranges + 4 * face, box, xy, s, [&](int r, int c_lo, int c_hi) {
           if (vectorize) {
             forward_row_lanes(finfo, ftex, f, box, xy, r, c_lo, c_hi, s, return_p2f, state, p2f_sum);
-            continue;
+            return;
           }
           for (int c = c_lo; c <= c_hi; ++c) {
             PixelState<T> pixel = state.get(r * kTileSize + c);
@@ -221,7 +231,7 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
               p2f_sum[2] += u;
             }
           }
-        }
+        });
         if (p2f_sum[2] != T(0))
           for (int j = 0; j < 3; ++j) add_face_sum(p2f + 3 * face + j, p2f_sum[j], exclusive);
       }
@@ -341,16 +351,12 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
         const T* finfo = info + kFaceInfoSize * face;
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
         T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
-        const Span span = box_span(finfo, ranges + 4 * face, box, xy, s);
-        const RowClipper<T> rows(finfo, s);
         T grad_face[9] = {};
         lanes::FaceGradLanes<T> grad_lanes;
-        for (int r = span.r0; r <= span.r1; ++r) {
-          int c_lo = span.c0, c_hi = span.c1;
-          rows.clip(xy.y[r], box.c0, S, c_lo, c_hi);
+        for_each_face_row(finfo, ranges + 4 * face, box, xy, s, [&](int r, int c_lo, int c_hi) {
           if (vectorize) {
             backward_row_lanes(finfo, ftex, f, xy, r, c_lo, c_hi, s, saved, grad_lanes, tex_acc, touched);
-            continue;
+            return;
           }
           for (int c = c_lo; c <= c_hi; ++c) {
             const int i = r * kTileSize + c;
@@ -365,7 +371,7 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
             backward_pair(finfo, ftex, f, cov, s, g, rgba, saved.ssum[i], saved.smax[i], fbest, grad_face, tg);
             add_texture_grad(tg, g, tex_acc, touched);
           }
-        }
+        });
         if (vectorize) grad_lanes.add_to(grad_face);
         for (const int texel : touched) {
           for (int j = 0; j < 3; ++j) {
