@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from umr import mesh as M
-from umr.evaluation import point_visibility
+from umr.evaluation import point_visibility, sample_surface
 from umr.geometry import matrix_to_quat
 from umr.renderer import SoftRenderer
 
@@ -224,13 +224,9 @@ def build_bird(rng: np.random.Generator, palette: dict, light: np.ndarray):
 def outer_surface_points(rng, verts, faces, prims, face_prim, count: int = 2048) -> np.ndarray:
     """``count`` points uniformly on the bird's outer surface: area-weighted samples of the
     ellipsoid meshes, without those inside another ellipsoid (the union's hidden parts)."""
-    tri = verts[faces]
-    areas = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
-    idx = rng.choice(len(faces), size=4 * count, p=areas / areas.sum())
-    u = rng.random((4 * count, 2))
-    u[u.sum(1) > 1] = 1 - u[u.sum(1) > 1]
-    t = tri[idx]
-    pts = t[:, 0] + u[:, :1] * (t[:, 1] - t[:, 0]) + u[:, 1:] * (t[:, 2] - t[:, 0])
+    pts, idx = sample_surface(torch.from_numpy(verts), torch.from_numpy(faces).long(), 4 * count,
+                              seed=int(rng.integers(2**62)), return_faces=True)
+    pts, idx = pts.numpy(), idx.numpy()
     hidden = np.zeros(len(pts), dtype=bool)
     for k, e in enumerate(prims):
         hidden |= (face_prim[idx] != k) & e.inside(pts)

@@ -116,6 +116,12 @@ def test_sample_surface_is_on_the_mesh():
     radius = points.norm(dim=-1)
     assert radius.max() <= 1 + 1e-9 and radius.min() > 0.98  # on the faces, inside the unit sphere
     assert points.mean(0).norm() < 0.06  # uniform over the surface
+    again, face = E.sample_surface(torch.from_numpy(verts), torch.from_numpy(faces), 1000, return_faces=True)
+    assert torch.equal(again, points)  # seeded
+    # each point lies in the plane of the face it names
+    tri = torch.from_numpy(verts)[torch.from_numpy(faces)[face]]
+    normal = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+    assert (((points - tri[:, 0]) * normal).sum(-1).abs() / normal.norm(dim=-1)).max() < 1e-9
 
 
 @pytest.fixture(scope="module")

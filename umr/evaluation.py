@@ -175,8 +175,9 @@ def align_rotations(pred: torch.Tensor, true: torch.Tensor):
     return torch.rad2deg(err), g
 
 
-def sample_surface(verts: torch.Tensor, faces: torch.Tensor, num: int, seed: int = 0) -> torch.Tensor:
-    """``num`` points (num, 3) uniformly on the surface of one mesh (area-weighted, seeded)."""
+def sample_surface(verts: torch.Tensor, faces: torch.Tensor, num: int, seed: int = 0, return_faces: bool = False):
+    """``num`` points (num, 3) uniformly on the surface of one mesh (area-weighted, seeded);
+    with ``return_faces`` also the index (num,) of the face each point lies on."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     tri = verts[faces]  # (F, 3, 3)
     areas = torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1).norm(dim=-1)
@@ -185,7 +186,8 @@ def sample_surface(verts: torch.Tensor, faces: torch.Tensor, num: int, seed: int
     flip = u.sum(1) > 1
     u[flip] = 1 - u[flip]
     t = tri[idx]
-    return t[:, 0] + u[:, :1] * (t[:, 1] - t[:, 0]) + u[:, 1:] * (t[:, 2] - t[:, 0])
+    points = t[:, 0] + u[:, :1] * (t[:, 1] - t[:, 0]) + u[:, 1:] * (t[:, 2] - t[:, 0])
+    return (points, idx) if return_faces else points
 
 
 def chamfer_fscore(a: torch.Tensor, b: torch.Tensor, tau: float):
