@@ -62,7 +62,7 @@ PY
 then
   echo "install.sh: pinned requirements present"
 else
-  # build tools first: visdom builds from source without isolation (see requirements.txt)
+  # build tools first (the extension build below uses them without build isolation)
   "$py" -m pip install $(grep -E '^(setuptools|ninja)==' requirements.txt)
   "$py" -m pip install --no-build-isolation -r requirements.txt
 fi

@@ -26,7 +26,7 @@ from data.cub import make_loader
 from data.synth_birds import canonical_camera
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, truth_path, user_errors_exit, write_results
-from umr.evaluation import align_rotations, chamfer_fscore, mask_iou, rotation_of, sample_surface, view_space
+from umr.evaluation import align_rotations, mask_iou, rotation_of, sample_surfaces, surface_distances
 
 F.define_test_flags()
 flags.DEFINE_float("fscore_tau", 0.05, "F-score distance threshold (normalised image units; 0.05 = 2.5 % of the width).")
@@ -51,17 +51,14 @@ def main(_):
         rot_pred.append(rotation_of(out["cam"]).cpu())
         rot_true.append(rotation_of(true_cam).cpu())
         ious.append(mask_iou(out["alpha"], batch["mask"].to(ctx.device)).cpu())
+        truth = surfaces[batch["inds"]].to(ctx.device)
         if FLAGS.oracle:  # the truth's own surface (its mesh is a union with hidden inner parts)
-            points = surfaces[batch["inds"]].to(ctx.device)
+            points = truth
         else:
-            points = torch.stack([sample_surface(v, predict.faces, 2048, seed=int(i))
-                                  for v, i in zip(out["verts"], batch["inds"])])
-        pred_view = view_space(points, out["cam"]).cpu()
-        true_view = view_space(surfaces[batch["inds"]].to(ctx.device), true_cam).cpu()
-        for b in range(len(pred_view)):
-            chamfer, fscore = chamfer_fscore(pred_view[b], true_view[b], FLAGS.fscore_tau)
-            chamfers.append(chamfer)
-            fscores.append(fscore)
+            points = sample_surfaces(out["verts"], predict.faces, truth.shape[1], batch["inds"].tolist())
+        batch_chamfers, batch_fscores = surface_distances(points, out["cam"], truth, true_cam, FLAGS.fscore_tau)
+        chamfers += batch_chamfers
+        fscores += batch_fscores
     errors, _ = align_rotations(torch.cat(rot_pred), torch.cat(rot_true))
     errors = errors.numpy()
     results = {

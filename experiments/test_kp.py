@@ -24,8 +24,7 @@ from tqdm import tqdm
 from data.cub import KeypointPairs, make_loader
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
-from umr.evaluation import PCKAccumulator, point_visibility, transfer_by_camera, transfer_by_flow
-from umr.renderer import face_pixel_centers
+from umr.evaluation import PCKAccumulator, transfer_keypoints
 from umr.visuals import to_uint8
 
 F.define_test_flags()
@@ -64,17 +63,10 @@ def main(_):
         flat["inds"] = torch.stack([torch.as_tensor(batch["inds"][0]), torch.as_tensor(batch["inds"][1])], 1).flatten()
         out = {k: v.view(n, 2, *v.shape[1:]) for k, v in predict(flat).items()}
         kp = batch["kp"].to(ctx.device)  # (n, 2, 15, 3)
-        num_faces = out["tex_flow"].shape[2]
         for src, tgt in ((0, 1), (1, 0)):
-            if FLAGS.mode == "flow":
-                visible = None if FLAGS.compat else face_pixel_centers(out["face_index"][:, src], num_faces)[1]
-                pred = transfer_by_flow(out["tex_flow"][:, src], out["tex_flow"][:, tgt], kp[:, src, :, :2],
-                                        FLAGS.img_size, FLAGS.sigma, visible)
-            else:
-                visible = None if FLAGS.compat else point_visibility(out["verts"][:, src], out["cam"][:, src],
-                                                                      out["depth"][:, src])
-                pred = transfer_by_camera(out["template"][:, src], out["cam"][:, src], out["template"][:, tgt],
-                                          out["cam"][:, tgt], out["alpha"][:, tgt], kp[:, src, :, :2], visible)
+            pred = transfer_keypoints({k: v[:, src] for k, v in out.items()}, {k: v[:, tgt] for k, v in out.items()},
+                                      kp[:, src, :, :2], FLAGS.mode, FLAGS.img_size, FLAGS.sigma,
+                                      visible_only=not FLAGS.compat)
             pck.add(pred, kp[:, tgt], kp[:, src, :, 2])
             if FLAGS.visualize and src == 0:
                 vis_dir.mkdir(parents=True, exist_ok=True)

@@ -6,12 +6,14 @@ are UMR's normalised image frame (x right, y down, [-1, 1]²).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
+from umr.renderer import face_pixel_centers
 
 __all__ = [
     "keypoint_heatmaps",
@@ -27,6 +29,12 @@ __all__ = [
     "point_visibility",
     "view_space",
     "rotation_of",
+    "predict",
+    "with_render",
+    "transfer_keypoints",
+    "sample_surfaces",
+    "surface_distances",
+    "Validator",
 ]
 
 
@@ -244,3 +252,125 @@ def oracle_texture_flow(verts: torch.Tensor, faces: torch.Tensor, cam: torch.Ten
 def rotation_of(cam: torch.Tensor) -> torch.Tensor:
     """(N, 3, 3) rotation matrices of cameras (N, 7)."""
     return quat_to_matrix(torch.nn.functional.normalize(cam[:, 3:], dim=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions and validation
+
+
+@torch.no_grad()
+def predict(model, img: torch.Tensor, renderer) -> dict:
+    """What the evaluations need from a model (stage 1 or 2, in its current mode) for images
+    (B, 3, S, S): ``verts`` (B, V, 3), ``cam`` (B, 7), ``tex_flow`` (B, F, T, T, 2), ``template``
+    (B, V, 3: the template T̄ that cam-mode keypoint transfer projects), and from one render of
+    the prediction ``alpha`` (B, S, S), ``face_index`` and ``depth`` (B, 2S, 2S)."""
+    out = model(img)
+    template = model.get_mean_shape()[None].expand(len(img), -1, -1)
+    pred = {"verts": out["verts"], "cam": out["cam"], "tex_flow": out["tex_flow"], "template": template}
+    return with_render(pred, model.faces, renderer)
+
+
+def with_render(pred: dict, faces: torch.Tensor, renderer) -> dict:
+    """Adds ``alpha``, ``face_index`` and ``depth`` of the render of ``pred['verts']`` at
+    ``pred['cam']`` (an ambient-only renderer suffices: only alpha and the z-buffer are read)."""
+    render = renderer(pred["verts"], faces, pred["cam"])
+    return {**pred, "alpha": render.image[:, 3], "face_index": render.face_index, "depth": render.depth}
+
+
+def transfer_keypoints(pred_src: dict, pred_tgt: dict, kp_src: torch.Tensor, mode: str, img_size: int,
+                       sigma: float = 3.0, visible_only: bool = True) -> torch.Tensor:
+    """Keypoint transfer (§14.1) from source to target predictions (dicts of :func:`predict`,
+    N images each): ``mode`` 'flow' (texture flows) or 'cam' (cameras and template).
+    ``visible_only``: only faces / vertices the source render shows can carry a keypoint.
+    kp_src (N, K, 2) → (N, K, 2)."""
+    if mode == "flow":
+        visible = None
+        if visible_only:
+            visible = face_pixel_centers(pred_src["face_index"], pred_src["tex_flow"].shape[1])[1]
+        return transfer_by_flow(pred_src["tex_flow"], pred_tgt["tex_flow"], kp_src, img_size, sigma, visible)
+    if mode == "cam":
+        visible = point_visibility(pred_src["verts"], pred_src["cam"], pred_src["depth"]) if visible_only else None
+        return transfer_by_camera(pred_src["template"], pred_src["cam"], pred_tgt["template"], pred_tgt["cam"],
+                                  pred_tgt["alpha"], kp_src, visible)
+    raise ValueError(f"keypoint transfer mode must be 'flow' or 'cam', got {mode!r}")
+
+
+def sample_surfaces(verts: torch.Tensor, faces: torch.Tensor, num: int, seeds) -> torch.Tensor:
+    """(N, num, 3) points on each of the meshes (N, V, 3), seeded per mesh (:func:`sample_surface`)."""
+    return torch.stack([sample_surface(v, faces, num, seed=int(s)) for v, s in zip(verts, seeds)])
+
+
+def surface_distances(points: torch.Tensor, cam: torch.Tensor, true_points: torch.Tensor, true_cam: torch.Tensor,
+                      tau: float) -> tuple:
+    """Chamfer-L2 and F-score at ``tau`` (lists, one per image) between predicted and true
+    surface points (N, P, 3), each set placed in its image's view frame by its own camera (N, 7)
+    and depth-centred (:func:`view_space`)."""
+    pred_view = view_space(points, cam).cpu()
+    true_view = view_space(true_points.to(cam), true_cam.to(cam)).cpu()
+    chamfers, fscores = zip(*(chamfer_fscore(p, t, tau) for p, t in zip(pred_view, true_view)))
+    return list(chamfers), list(fscores)
+
+
+class Validator:
+    """Validation measures of a model on a fixed held-out set, cheap enough to run during training.
+
+    Args:
+        items: the set's samples stacked into tensors: ``img`` (N, 3, S, S), ``mask`` (N, S, S),
+            ``kp`` (N, K, 3) and ``inds`` (N,).
+        pairs: (P, 2) index pairs into the N images for keypoint transfer (both directions count).
+        truth: optional 3-D truth of the synthetic set, aligned with the items: ``cam`` (N, 7) the
+            true cameras of the model's frame convention and ``surface_points`` (N, M, 3).
+        renderer: an ambient-only renderer of size S (alpha and z-buffer are read).
+        padding_frac: the loader's box padding (PCK's scale).
+
+    Calling it on a model returns ``mask_iou``, ``pck_flow`` and ``pck_cam`` (PCK@0.1), and with
+    truth ``rot_err_median`` / ``rot_err_mean`` (degrees, after the best global alignment of the
+    frames), ``chamfer_l2`` and ``fscore``. The model runs in eval mode; its mode is restored.
+    """
+
+    def __init__(self, items: dict, pairs: torch.Tensor, renderer, truth: Optional[dict] = None,
+                 padding_frac: float = 0.05, batch_size: int = 32, fscore_tau: float = 0.05, sigma: float = 3.0):
+        self.items, self.pairs, self.truth = items, pairs.long(), truth
+        self.renderer, self.padding_frac = renderer, padding_frac
+        self.batch_size, self.fscore_tau, self.sigma = batch_size, fscore_tau, sigma
+
+    def __len__(self) -> int:
+        return len(self.items["img"])
+
+    def predictions(self, model) -> dict:
+        """Predictions (:func:`predict`) for every image, on the model's device."""
+        device = next(model.parameters()).device
+        renderer = self.renderer.to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            chunks = [predict(model, self.items["img"][i : i + self.batch_size].to(device), renderer)
+                      for i in range(0, len(self), self.batch_size)]
+        finally:
+            model.train(was_training)
+        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+    def __call__(self, model) -> dict:
+        pred = self.predictions(model)
+        device = pred["cam"].device
+        results = {"mask_iou": float(mask_iou(pred["alpha"], self.items["mask"].to(device)).mean())}
+        kp = self.items["kp"].to(device)
+        img_size = self.items["img"].shape[-1]
+        for mode in ("flow", "cam"):
+            pck = PCKAccumulator(alphas=(0.1,), padding_frac=self.padding_frac)
+            for src, tgt in ((0, 1), (1, 0)):
+                a, b = self.pairs[:, src].to(device), self.pairs[:, tgt].to(device)
+                moved = transfer_keypoints({k: v[a] for k, v in pred.items()}, {k: v[b] for k, v in pred.items()},
+                                           kp[a, :, :2], mode, img_size, self.sigma)
+                pck.add(moved, kp[b], kp[a, :, 2])
+            results[f"pck_{mode}"] = pck.result()["PCK.1"]
+        if self.truth is not None:
+            true_cam = self.truth["cam"].to(device)
+            errors, _ = align_rotations(rotation_of(pred["cam"]).cpu(), rotation_of(true_cam).cpu())
+            true_points = self.truth["surface_points"]
+            points = sample_surfaces(pred["verts"], model.faces.to(device), true_points.shape[1],
+                                     self.items["inds"].tolist())
+            chamfers, fscores = surface_distances(points, pred["cam"], true_points, true_cam, self.fscore_tau)
+            results.update(rot_err_median=float(errors.median()), rot_err_mean=float(errors.mean()),
+                           chamfer_l2=float(np.mean(chamfers)), fscore=float(np.mean(fscores)))
+        return results
