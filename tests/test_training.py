@@ -1,4 +1,5 @@
 """End-to-end runs of train_s1 → avg_uv → train_s2 on tiny synthetic data, resume, torchrun."""
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ SIZE = 64
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_data")
-    synth_birds.generate(root, seed=11, photo_size=160, workers=1, progress=False, num_train=8, num_val=0, num_test=4)
+    synth_birds.generate(root, seed=11, photo_size=160, workers=1, progress=False, num_train=8, num_val=5, num_test=4)
     return root
 
 
@@ -30,7 +31,7 @@ def data_flags(root):
 def train_flags(root, out, name, *extra):
     return [*data_flags(root), f"--name={name}", f"--checkpoint_dir={out / 'snapshots'}", f"--vis_dir={out / 'vis'}",
             "--batch_size=4", "--nopretrained_encoder", "--texture_loss=l1", "--print_freq=1", "--save_latest_freq=0",
-            *extra]
+            "--val_freq=0", *extra]
 
 
 def run(module, *args, env=None, launcher=None, check=True):
@@ -71,8 +72,14 @@ def test_pipeline_smoke(data_dir, tmp_path):
     assert len(log) == 4 and '"mask"' in log[0]
 
     stemp = tmp_path / "stemp"
+    # a 4-iteration model's texture flow is near constant: every UV texel reads the same part,
+    # so avg_uv refuses the template it makes (the quick-start's template once had no head)
+    refused = run("experiments.avg_uv", *data_flags(data_dir), f"--model_path={ckpt}", f"--out_dir={stemp}",
+                  "--batch_size=4", "--texture_loss=l1", check=False)
+    assert refused.returncode == 2 and "too few of the 642 template vertices" in refused.stderr
+    assert "Traceback" not in refused.stderr
     run("experiments.avg_uv", *data_flags(data_dir), f"--model_path={ckpt}", f"--out_dir={stemp}", "--batch_size=4",
-        "--texture_loss=l1")
+        "--texture_loss=l1", "--min_part_share=0")
     for name in ("semantic_prob.npy", "semantic_seg.png", "mean_v.pth", "mean_template.obj", "vertex_label.obj",
                  "vertices_idx/head_vertices.npy", "vertices_idx/belly_vertices.npy"):
         assert (stemp / name).is_file(), name
@@ -80,10 +87,92 @@ def test_pipeline_smoke(data_dir, tmp_path):
     torch.testing.assert_close(torch.load(stemp / "mean_v.pth"), state["model"]["mean_v"])
     ckpt.unlink()
 
-    run("experiments.train_s2", *train_flags(data_dir, tmp_path, "s2", "--num_iter=2"), f"--stemp_path={stemp}")
+    refused = run("experiments.train_s2", *train_flags(data_dir, tmp_path, "s2", "--num_iter=2"),
+                  f"--stemp_path={stemp}", check=False)
+    assert refused.returncode == 2 and "--min_part_share" in refused.stderr
+    run("experiments.train_s2", *train_flags(data_dir, tmp_path, "s2", "--num_iter=2"), f"--stemp_path={stemp}",
+        "--min_part_share=0")
     s2 = torch.load(tmp_path / "snapshots" / "s2" / "pred_net_latest.pth", map_location="cpu", weights_only=False)
     assert s2["step"] == 2 and s2["stage"] == 2
     torch.testing.assert_close(s2["model"]["mean_v"], state["model"]["mean_v"])  # fixed in stage 2
+
+
+def test_validation_is_logged_to_jsonl_tensorboard_and_curves(data_dir, tmp_path):
+    """--val_freq validates during and at the end of the run; the numbers are those of the
+    evaluation scripts on the same images; TensorBoard's own reader finds them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from umr.visuals import read_log
+
+    flags = train_flags(data_dir, tmp_path, "val", "--num_iter=3", "--val_split=val", "--val_pairs=6")
+    run("experiments.train_s1", *flags, "--val_freq=2")
+    run_dir = tmp_path / "snapshots" / "val"
+    records = [r for r in read_log(run_dir / "loss_log.jsonl") if "val/mask_iou" in r]
+    assert [r["step"] for r in records] == [2, 3]  # every 2 iterations and at the end
+    keys = {"val/mask_iou", "val/pck_flow", "val/pck_cam", "val/rot_err_median", "val/rot_err_mean",
+            "val/chamfer_l2", "val/fscore"}
+    assert keys <= set(records[-1])
+    assert (run_dir / "curves.png").stat().st_size > 10_000
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert keys <= set(tags) and "train/mask" in tags
+    assert [e.step for e in events.Scalars("val/mask_iou")] == [2, 3]
+    assert events.Scalars("val/rot_err_median")[-1].value == pytest.approx(records[-1]["val/rot_err_median"], rel=1e-6)
+    # the same checkpoint through the evaluation scripts, on the same (all 5) validation images
+    model = [*data_flags(data_dir), f"--model_path={run_dir / 'pred_net_latest.pth'}", "--split=val",
+             "--batch_size=2"]
+    run("experiments.test_3d", *model)
+    result = json.loads((run_dir / "test_3d.json").read_text())
+    assert result["num_images"] == 5
+    assert result["mask_iou"] == pytest.approx(records[-1]["val/mask_iou"], abs=1e-5)
+    assert result["rotation_error_deg_median"] == pytest.approx(records[-1]["val/rot_err_median"], abs=1e-3)
+    assert result["chamfer_l2"] == pytest.approx(records[-1]["val/chamfer_l2"], rel=1e-4)
+    # a missing validation split stops at the start, naming the flags
+    result = run("experiments.train_s1", *flags, "--val_freq=5", "--val_split=all", check=False)
+    assert result.returncode == 2 and "--val_split" in result.stderr and "--val_freq 0" in result.stderr
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_template_update(compat):
+    """Stage 1's template update moves the mean predicted deformation into the template and,
+    by default, gives it back through the shape predictor's bias, so no predicted shape moves;
+    compat: the original adds the deformation of the mean latent code and the shapes jump."""
+    from types import SimpleNamespace
+
+    from umr.distributed import Context
+    from umr.nets import MeshNet
+
+    torch.manual_seed(0)
+    model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False, compat=compat)
+    with torch.no_grad():  # a predictor whose mean deformation is far from zero
+        model.shape_predictor.mlp[-1].bias.add_(0.1)
+    g = torch.Generator().manual_seed(1)
+    batches = [{"img": torch.rand(4, 3, SIZE, SIZE, generator=g), "eps_z": torch.randn(4, 350, generator=g),
+                "u_cam": torch.rand(4, generator=g)} for _ in range(2)]
+    trainer = SimpleNamespace(model=model, ctx=Context(0, 1, 0, torch.device("cpu")), loader=lambda epoch: batches)
+
+    def predict():
+        model.train()
+        with torch.no_grad():
+            outs = [model(b["img"], b["eps_z"], b["u_cam"]) for b in batches]
+        return torch.cat([o["verts"] for o in outs]), torch.cat([o["delta_v"] for o in outs]), torch.cat(
+            [o["noise"] for o in outs])
+
+    verts, delta, z = predict()
+    template = model.mean_v.clone()
+    T.make_template_update(2, compat)(trainer, epoch=0)  # not an update epoch
+    assert torch.equal(model.mean_v, template)
+    T.make_template_update(2, compat)(trainer, epoch=1)
+    after, delta_after, _ = predict()
+    if compat:
+        shift = model.predict_offsets(z.mean(0, keepdim=True))[0].detach()
+        torch.testing.assert_close(model.mean_v, template + shift)
+        torch.testing.assert_close(after, verts + model.symmetrize(shift)[None].expand_as(verts), atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(model.mean_v, template + delta.mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(after, verts, atol=1e-5, rtol=0)
+        assert delta_after.mean(0).abs().max() < 1e-5 < delta.mean(0).abs().max()
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):

@@ -63,6 +63,7 @@ class TrainSettings:
     resume: bool = False
     seed: int = 0
     n_data_workers: int = 4
+    val_freq: int = 0
 
     @classmethod
     def from_flags(cls, flags) -> "TrainSettings":
@@ -85,7 +86,14 @@ class SampleNoise(Dataset):
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(epoch)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """``key``: an index (of the epoch set last) or an ``(epoch, index)`` pair."""
+        if isinstance(key, (tuple, list)):
+            epoch, index = (int(k) for k in key)
+            if epoch != self.epoch:
+                self.set_epoch(epoch)
+        else:
+            index = key
         item = self.dataset[index]
         rng = np.random.default_rng([self.seed, self.epoch, index, 7])
         item["eps_z"] = rng.standard_normal(self.z_dim).astype(np.float32)
@@ -94,14 +102,20 @@ class SampleNoise(Dataset):
         return item
 
 
-class _SkipSampler(Sampler):
-    """The indices of a sampler, without the first ``skip`` (to resume inside an epoch)."""
+class _EpochSampler(Sampler):
+    """One epoch of a distributed sampler's order as ``(epoch, index)`` keys, without the first
+    ``skip`` indices (to resume inside an epoch). Set with :meth:`start` before each pass: the
+    loader's workers stay alive across epochs and learn the epoch from the keys."""
 
-    def __init__(self, sampler: Sampler, skip: int):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.epoch, self.skip = sampler, 0, 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
-        return iter(list(self.sampler)[self.skip :])
+        self.sampler.set_epoch(self.epoch)
+        return iter([(self.epoch, index) for index in list(self.sampler)[self.skip :]])
 
     def __len__(self):
         return max(0, len(self.sampler) - self.skip)
@@ -162,10 +176,15 @@ class Trainer:
         extra_state: a dict saved into every checkpoint (e.g. the flags).
         end_of_epoch: called as ``fn(trainer, epoch)`` after each epoch, before checkpointing
             (stage 1's template update).
+        validate: called as ``fn(model) -> {name: value}`` on the main process every
+            ``val_freq`` iterations and at the end of the run (e.g. a
+            :class:`umr.evaluation.Validator`); the numbers go to ``loss_log.jsonl`` (as
+            ``val/<name>``), TensorBoard and ``curves.png``.
     """
 
     def __init__(self, settings: TrainSettings, model, objective, dataset, ctx: D.Context,
-                 extra_state: Optional[dict] = None, end_of_epoch: Optional[Callable] = None):
+                 extra_state: Optional[dict] = None, end_of_epoch: Optional[Callable] = None,
+                 validate: Optional[Callable] = None):
         self.s, self.ctx = settings, ctx
         if settings.batch_size % ctx.world_size:
             raise ValueError(f"--batch_size {settings.batch_size} must be divisible by the {ctx.world_size} processes")
@@ -194,8 +213,12 @@ class Trainer:
         self.vis_dir = Path(settings.vis_dir) / settings.name
         self.extra_state = extra_state or {}
         self.end_of_epoch = end_of_epoch
+        self.validate = validate
+        self.validated_step = None
         self.epoch, self.iteration, self.step = settings.num_pretrain_epochs, 0, 0
+        self.finished = False  # the run reached num_iter or num_epochs (saved: a finished run is not resumed)
         self._tensorboard = self._visdom = None
+        self._loader = None
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -212,6 +235,7 @@ class Trainer:
             "epoch": self.epoch,
             "iteration": self.iteration,
             "step": self.step,
+            "finished": self.finished,
             "previous_real": getattr(self.objective, "previous_real", None),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -245,6 +269,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
+        """Append a record to ``loss_log.jsonl`` and send its numbers to TensorBoard (tags
+        ``train/<name>``, or ``val/<name>`` for names that already carry the prefix)."""
         if not self.ctx.is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,15 +283,34 @@ class Trainer:
                 self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
             except ImportError:
                 self._tensorboard = False
+        numbers = {k: v for k, v in record.items() if isinstance(v, float) and k not in ("time", "val_seconds")}
         if self._tensorboard:
-            for key, value in record.items():
-                if isinstance(value, float):
-                    self._tensorboard.add_scalar(key, value, record["step"])
+            for key, value in numbers.items():
+                self._tensorboard.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
+            self._tensorboard.flush()
         if self._visdom:
-            for key, value in record.items():
-                if isinstance(value, float) and key not in ("time", "lr"):
+            for key, value in numbers.items():
+                if key != "lr":
                     self._visdom.line(X=[record["step"]], Y=[value], win=f"loss_{key}", update="append",
                                       opts={"title": key})
+
+    def _run_validation(self) -> None:
+        """Validate (main process), log the numbers and redraw ``curves.png``."""
+        if self.validate is None or self.validated_step == self.step:
+            return
+        self.validated_step = self.step
+        if not self.ctx.is_main:
+            return
+        start = time.time()
+        results = self.validate(self.model)
+        record = {"epoch": self.epoch, "iteration": self.iteration, "step": self.step,
+                  **{f"val/{k}": float(v) for k, v in results.items()}, "val_seconds": time.time() - start}
+        self._log(record)
+        summary = ", ".join(f"{k} {v:.3f}" for k, v in results.items())
+        tqdm.write(f"{self.s.name} step {self.step} validation: {summary}")
+        from umr.visuals import plot_curves
+
+        plot_curves(self.run_dir / "loss_log.jsonl", self.run_dir / "curves.png", title=self.s.name)
 
     def _connect_visdom(self) -> None:
         if not (self.s.display_visuals and self.ctx.is_main):
@@ -273,7 +318,9 @@ class Trainer:
         try:
             import visdom
         except ImportError as err:
-            raise RuntimeError("--display_visuals needs visdom: pip install --no-build-isolation visdom==0.2.4") from err
+            raise RuntimeError("--display_visuals needs visdom, which is optional: pip install --no-build-isolation "
+                               "visdom==0.2.4 (its server downloads scripts from the internet when it first starts); "
+                               "TensorBoard needs nothing more: tensorboard --logdir <checkpoint_dir>") from err
         self._visdom = visdom.Visdom(server=self.s.visdom_server, port=self.s.visdom_port, env=self.s.name,
                                      raise_exceptions=True)
         if not self._visdom.check_connection(timeout_seconds=5):
@@ -299,15 +346,20 @@ class Trainer:
             self._visdom.image(grid.transpose(2, 0, 1), win="visuals", opts={"title": f"iteration {self.step}"})
 
     # ---------------------------------------------------------------- loop
-    def loader(self, epoch: int, skip_batches: int = 0, shuffle: bool = True) -> DataLoader:
+    def loader(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """The training batches of ``epoch`` (shuffled by ``(seed, epoch)``), without the first
+        ``skip_batches``. One DataLoader serves the whole run, so its worker processes start once."""
+        if self._loader is None:
+            sampler = DistributedSampler(self.dataset, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
+                                         shuffle=True, seed=self.s.seed, drop_last=True)
+            workers = self.s.n_data_workers
+            self._loader = DataLoader(
+                self.dataset, batch_size=self.local_batch, sampler=_EpochSampler(sampler), drop_last=True,
+                num_workers=workers, persistent_workers=workers > 0, timeout=600 if workers else 0,
+            )
         self.dataset.set_epoch(epoch)
-        sampler = DistributedSampler(self.dataset, num_replicas=self.ctx.world_size, rank=self.ctx.rank,
-                                     shuffle=shuffle, seed=self.s.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        return DataLoader(
-            self.dataset, batch_size=self.local_batch, sampler=_SkipSampler(sampler, skip_batches * self.local_batch),
-            drop_last=True, num_workers=self.s.n_data_workers, timeout=600 if self.s.n_data_workers else 0,
-        )
+        self._loader.sampler.start(epoch, skip_batches * self.local_batch)
+        return self._loader
 
     def _check_finite(self, terms: dict) -> None:
         bad = [name for name, value in terms.items() if not torch.isfinite(value.detach()).all()]
@@ -357,19 +409,28 @@ class Trainer:
                                "total": float(total.detach()), **scalars, "time": time.time() - start})
                 if s.display_freq and self.step % s.display_freq == 0:
                     self._visuals(out, batch)
+                if s.val_freq and self.step % s.val_freq == 0:
+                    self._run_validation()
                 if s.save_latest_freq and self.step % s.save_latest_freq == 0:
                     self.save(self.latest_path)
                 if s.num_iter and self.step >= s.num_iter:
                     bar.close()
+                    self.finished = True
                     self.save(self.latest_path)
+                    self._run_validation()
                     return
             bar.close()
             if self.end_of_epoch is not None:
                 self.end_of_epoch(self, epoch)
             self.epoch, self.iteration = epoch + 1, 0
+            self.finished = self.epoch >= s.num_epochs
             self.save(self.latest_path)
             if (epoch + 1) % s.save_epoch_freq == 0:
                 self.save(self.run_dir / f"pred_net_{epoch + 1}.pth")
+        if not self.finished:  # resumed at the end of a run saved before it was marked finished
+            self.finished = True
+            self.save(self.latest_path)
+        self._run_validation()
 
 
 def seed_everything(seed: int) -> None:
@@ -378,26 +439,39 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def make_template_update(freq: int) -> Callable:
+def make_template_update(freq: int, compat: bool = False) -> Callable:
     """Stage 1's template update (§10.3): after every ``freq``-th epoch, run the model (train
-    mode, no gradients) over that epoch's training batches, average the sampled latents over all
-    samples (of all processes) and add the predicted offsets of that mean latent to ``mean_v``."""
+    mode, no gradients) over that epoch's training batches and move the mean predicted
+    deformation (over all samples of all processes) into the template ``mean_v``.
+
+    By default the shape predictor's output bias gives the same amount back, so every predicted
+    shape stays where it was and only the split between template and deformation changes (the
+    deformation prior then sees the per-image deformations alone). ``compat``: the original,
+    which added the deformation of the mean latent code (the mean deformation only while the
+    stage-1 shape MLP was affine, quirk Q5) and left the predictor as it was, so every predicted
+    shape jumped by that amount until the network re-adapted.
+    """
 
     def update(trainer: Trainer, epoch: int) -> None:
         if freq <= 0 or (epoch + 1) % freq:
             return
         model = trainer.model
         model.train()
-        z_sum = torch.zeros(model.encoder.mean_fc[-1].out_features, device=trainer.ctx.device, dtype=torch.float64)
-        count = torch.zeros(1, device=trainer.ctx.device, dtype=torch.float64)
+        device = trainer.ctx.device
+        total = torch.zeros_like(model.mean_v if not compat else model.encoder.mean_fc[-1].bias, dtype=torch.float64)
+        count = torch.zeros(1, device=device, dtype=torch.float64)
         with torch.no_grad():
             for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
                               disable=not trainer.ctx.is_main):
-                batch = _to_device(batch, trainer.ctx.device)
-                z = model(batch["img"], batch["eps_z"], batch["u_cam"])["noise"]
-                z_sum += z.double().sum(0)
-                count += len(z)
-            z_mean = (D.all_reduce_sum(z_sum) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
-            model.mean_v += model.predict_offsets(z_mean[None])[0]
+                batch = _to_device(batch, device)
+                out = model(batch["img"], batch["eps_z"], batch["u_cam"])
+                total += (out["noise"] if compat else out["delta_v"]).double().sum(0)
+                count += len(out["noise"])
+            mean = (D.all_reduce_sum(total) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
+            if compat:
+                model.mean_v += model.predict_offsets(mean[None])[0]
+            else:
+                model.mean_v += mean
+                model.shape_predictor.shift_output(-mean)
 
     return update
