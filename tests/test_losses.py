@@ -121,6 +121,26 @@ def test_vertex_correspondence_prefers_the_true_pose(birds):
         torch.testing.assert_close(mixed, (true + wrong) / 2)
 
 
+def test_vertex_correspondence_chooses_the_semantically_right_hypothesis(birds):
+    """The probabilities get the vertex loss's gradient (towards the hypothesis whose parts land
+    on the image's parts), so semantic consistency selects hypotheses; train_probs=False (the
+    original, --compat) detaches them: only silhouettes would choose."""
+    batch = birds["batch"]
+    parts = part_vertices_of(birds["face_parts"], birds["faces"])
+    for b in range(3):
+        # the true camera and the same camera turned by 180 degrees: the same silhouette from the
+        # other side of the symmetric bird, the head at the other end
+        hyps = torch.stack([birds["cams"][b : b + 1], turned(birds["cams"][b : b + 1], 180)], dim=1).requires_grad_()
+        points = {p: batch[f"{p}_points"][b : b + 1] for p in L.PART_NAMES}
+        logits = torch.zeros(1, 2, requires_grad=True)
+        L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, logits.softmax(1), points).backward()
+        assert logits.grad[0, 0] < 0 < logits.grad[0, 1]  # descent raises the true camera's probability
+        logits.grad = None
+        L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, logits.softmax(1), points,
+                                     train_probs=False).backward()
+        assert logits.grad is None
+
+
 def test_face_sample_labels_nearest_vs_compat_rounding():
     from umr.mesh import symmetric_template
     from umr.nets import TexturePredictorUV

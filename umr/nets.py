@@ -32,6 +32,8 @@ __all__ = [
     "GradientReversal",
     "load_resnet18",
     "load_original_checkpoint",
+    "read_state",
+    "checkpoint_stage",
     "PretrainedWeightsMissing",
 ]
 
@@ -214,6 +216,11 @@ class ShapeMLP(nn.Module):
     def forward(self, z):
         return self.mlp(z).view(z.shape[0], -1, 3)
 
+    @torch.no_grad()
+    def shift_output(self, offset: torch.Tensor) -> None:
+        """Add ``offset`` (V_half, 3) to every prediction (through the last layer's bias)."""
+        self.mlp[-1].bias += offset.reshape(-1).to(self.mlp[-1].bias)
+
 
 def _scale_from(out):
     return F.relu(out + 1.0) + 1e-12  # scale bias 1, lr multiplier 1 (the flags never reached it)
@@ -298,13 +305,19 @@ class MultiCamPredictor(nn.Module):
 
 
 class SingleCamPredictor(nn.Module):
-    """Stage 1: one camera from the feature (default init, no identity bias)."""
+    """Stage 1: one camera from the feature. Default init, no identity bias (as the original);
+    ``side_view``: weights N(0, 0.02) and zero biases except the quaternion's, which is the first
+    camera hypothesis' side view (``camera_biases(1)[0]``), so every image starts seen from the
+    side, in the frame that stage 2's hypotheses assume."""
 
-    def __init__(self, nz_feat: int):
+    def __init__(self, nz_feat: int, side_view: bool = False):
         super().__init__()
         self.quat_predictor = nn.Linear(nz_feat, 4)
         self.scale_predictor = nn.Linear(nz_feat, 1)
         self.trans_predictor = nn.Linear(nz_feat, 2)
+        if side_view:
+            net_init(self)
+            self.quat_predictor.bias.data.copy_(camera_biases(1)[0])
 
     def forward(self, feat):
         quat = F.normalize(self.quat_predictor(feat), dim=-1)
@@ -315,10 +328,14 @@ class TexturePredictorUV(nn.Module):
     """Feature → UV flow image (B, 2, H_uv, W_uv) in [-1, 1] → per-face flow (B, F, T, T, 2).
 
     The UV sampler (num_half_faces, T*T, 2) is a buffer independent of the batch size; left
-    faces reuse their right twins' flow (same image locations, §5.5).
+    faces reuse their right twins' flow (same image locations, §5.5). ``uv_height`` (a power of
+    two ≥ 8; None: from the face count, 128 for UMR's mesh) and ``channels`` (of the decoder's
+    first 4 x 8 feature map; 256 in UMR) size the network: a 32-row UV image is plenty for 64-px
+    images and takes a fraction of the time.
     """
 
-    def __init__(self, nz_feat: int, mesh: SymmetricMesh, tex_size: int = 6, compat: bool = False):
+    def __init__(self, nz_feat: int, mesh: SymmetricMesh, tex_size: int = 6, compat: bool = False,
+                 uv_height: Optional[int] = None, channels: int = 256):
         super().__init__()
         self.mesh = mesh
         self.tex_size = tex_size
@@ -326,13 +343,17 @@ class TexturePredictorUV(nn.Module):
         sampler = compute_uv_sampler(mesh.verts, faces, tex_size).reshape(len(faces), tex_size * tex_size, 2)
         self.register_buffer("uv_sampler", torch.from_numpy(sampler).float())
         self.uv_height, self.uv_width = uv_image_size(len(faces), tex_size)
-        self.feat_h, self.feat_w = 4, 8
+        if uv_height:
+            if uv_height < 8 or uv_height & (uv_height - 1):
+                raise ValueError(f"the UV image height must be a power of two of at least 8, got {uv_height}")
+            self.uv_height, self.uv_width = uv_height, 2 * uv_height
+        self.feat_h, self.feat_w, self.channels = 4, 8, channels
         nlayers = int(round(math.log2(self.uv_height / self.feat_h)))
-        self.enc = fc_stack(nz_feat, 256 * self.feat_h * self.feat_w, 2, compat=compat)
-        self.decoder = decoder2d(nlayers, 256, 2, compat=compat)
+        self.enc = fc_stack(nz_feat, channels * self.feat_h * self.feat_w, 2, compat=compat)
+        self.decoder = decoder2d(nlayers, channels, 2, compat=compat)
 
     def forward(self, feat):
-        uv_image = self.decoder(self.enc(feat).view(-1, 256, self.feat_h, self.feat_w))
+        uv_image = self.decoder(self.enc(feat).view(-1, self.channels, self.feat_h, self.feat_w))
         uv_image = torch.tanh(uv_image)
         grid = self.uv_sampler.to(uv_image.dtype)[None].expand(feat.shape[0], -1, -1, -1)
         flow = F.grid_sample(uv_image, grid, align_corners=True)  # (B, 2, F_half, T*T)
@@ -368,7 +389,17 @@ class MeshNet(nn.Module):
         pretrained_encoder: bool = True,
         mean_shape: Optional[torch.Tensor] = None,
         compat: bool = False,
+        logvar_init: Optional[float] = None,
+        side_view_init: bool = False,
+        uv_height: Optional[int] = None,
+        uv_channels: int = 256,
     ):
+        """``uv_height``, ``uv_channels``: size of the texture-flow network
+        (:class:`TexturePredictorUV`; None and 256: UMR's). ``logvar_init``: initial bias of the
+        latent log-variance head (None: PyTorch's default init, as the original, where the
+        injected noise starts with unit variance and outweighs the image's code);
+        ``side_view_init``: stage 1's camera starts at the side view (see
+        :class:`SingleCamPredictor`)."""
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
@@ -389,14 +420,16 @@ class MeshNet(nn.Module):
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.encoder = Encoder(img_size, nz_feat, z_dim, pretrained_encoder, compat)
+        if logvar_init is not None:
+            nn.init.constant_(self.encoder.logvar_fc[-1].bias, logvar_init)
         num_output = self.mesh.num_output
         if stage == 1:
             self.shape_predictor = ShapeMLP(z_dim, num_output, compat)
-            self.cam_predictor = SingleCamPredictor(nz_feat)
+            self.cam_predictor = SingleCamPredictor(nz_feat, side_view_init)
         else:
             self.shape_predictor = ShapePredictor(z_dim, num_output)
             self.cam_predictor = MultiCamPredictor(nz_feat, num_hypo_cams, compat)
-        self.texture_predictor = TexturePredictorUV(nz_feat, self.mesh, tex_size, compat)
+        self.texture_predictor = TexturePredictorUV(nz_feat, self.mesh, tex_size, compat, uv_height, uv_channels)
         net_init(self.texture_predictor, compat)
 
     def symmetrize(self, half: torch.Tensor) -> torch.Tensor:
@@ -499,12 +532,10 @@ ORIGINAL_DEAD_KEYS = tuple(
 ORIGINAL_SKIPPED_KEYS = ("uv_sampler", "texture_predictor.uv_sampler", "noise")
 
 
-def load_original_checkpoint(model: nn.Module, path_or_state) -> None:
-    """Load a checkpoint of the original UMR code (e.g. the released ``pred_net_latest.pth``)
-    or of this code into ``model``, strictly: every other key must match by name and shape.
-
-    The original stored the UV sampler at the top level and batch-sized; it is recomputed here.
-    """
+def read_state(path_or_state) -> dict:
+    """A checkpoint's model weights: the state dict of the original code or ours, or our
+    training checkpoint's ``model`` entry (its ``stage`` and training flags are kept under
+    ``"__stage__"`` and ``"__flags__"``)."""
     state = path_or_state
     if not isinstance(state, dict):
         path = Path(path_or_state)
@@ -512,9 +543,36 @@ def load_original_checkpoint(model: nn.Module, path_or_state) -> None:
             raise FileNotFoundError(f"checkpoint not found: {path} (check --model_path)")
         state = torch.load(path, map_location="cpu", weights_only=False)
     if "model" in state and isinstance(state["model"], dict):  # a training checkpoint of ours
-        state = state["model"]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if k not in ORIGINAL_DEAD_KEYS and k not in ORIGINAL_SKIPPED_KEYS}
+        stage, flags = state.get("stage"), state.get("flags")
+        state = dict(state["model"])
+        if stage is not None:
+            state["__stage__"] = stage
+        if isinstance(flags, dict):
+            state["__flags__"] = flags
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def checkpoint_stage(state: dict) -> int:
+    """The stage (1 or 2) of a model state (:func:`read_state`): recorded by our trainer, else
+    told by the keys (stage 2 has camera hypotheses, stage 1 a shape MLP)."""
+    if "__stage__" in state:
+        return int(state["__stage__"])
+    if any(k.startswith("cam_predictor.camera_predictor.") for k in state):
+        return 2
+    if any(k.startswith("shape_predictor.mlp.") for k in state):
+        return 1
+    raise RuntimeError("the checkpoint holds neither a stage-1 nor a stage-2 UMR model (check --model_path)")
+
+
+def load_original_checkpoint(model: nn.Module, path_or_state) -> None:
+    """Load a checkpoint of the original UMR code (e.g. the released ``pred_net_latest.pth``)
+    or of this code into ``model``, strictly: every other key must match by name and shape.
+
+    The original stored the UV sampler at the top level and batch-sized; it is recomputed here.
+    """
+    state = read_state(path_or_state)
+    state = {k: v for k, v in state.items()
+             if k not in ORIGINAL_DEAD_KEYS and k not in ORIGINAL_SKIPPED_KEYS and not k.startswith("__")}
     own = model.state_dict()
     for key in ("texture_predictor.uv_sampler",):
         if key in own:

@@ -204,5 +204,6 @@ class Stage2Objective(_Objective):
         part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.compat)
         terms["part"] = c.prob_loss_wt * self.part_loss(verts, faces, cam_s, part_maps)
         points = {p: batch[f"{p}_points"] for p in self.part_vertices}
-        terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(template, self.part_vertices, hyps, probs, points)
+        terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(template, self.part_vertices, hyps, probs, points,
+                                                                          train_probs=not c.compat)
         return sum(terms.values()), terms
