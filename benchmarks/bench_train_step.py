@@ -1,15 +1,19 @@
-"""Seconds per train_s2 iteration on CPU and where they go; prints one JSON line.
+"""Seconds per training iteration and where they go; prints one JSON line.
 
 Setting: 128 px images, batch 8, 8 camera hypotheses, every loss on (texture loss l1, GAN, part
 and vertex losses), a bird-like template, a synthetic data set generated on the fly, data
 loading in the main process.
 
-Keys: ``s_per_iter`` (median), ``peak_rss_gib``; shares of the step: ``share_render`` (renderer
-forward + rasterizer backward), ``share_encoder`` (encoder forward + backward),
-``share_losses`` (computing the loss terms, rendering excluded), ``share_data`` (loading the
-batch), ``share_other`` (the rest: predictors' backward, losses' backward, optimiser).
+Keys: ``s_per_iter`` (median of a train_s2 iteration), ``peak_rss_gib``; shares of the step:
+``share_render`` (renderer forward + rasterizer backward), ``share_encoder`` (encoder forward +
+backward), ``share_losses`` (computing the loss terms, rendering excluded), ``share_data``
+(loading the batch), ``share_other`` (the rest: predictors' backward, losses' backward,
+optimiser). ``s1_s_per_iter_64`` and ``s2_s_per_iter_64``: median seconds of a whole train_s1
+and train_s2 iteration at 64 px, batch 16 (the quick-start's setting). ``--uv_height`` and
+``--uv_channels`` size the texture-flow network as the training flags of the same names.
 
-    python -m benchmarks.bench_train_step [--iters 6] [--img_size 128] [--batch_size 8]
+    python -m benchmarks.bench_train_step [--iters 6] [--img_size 128] [--batch_size 8] [--no_64]
+        [--uv_height 32 --uv_channels 64]
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from umr import renderer as R
 from umr.distributed import Context
 from umr.losses import PART_NAMES
 from umr.nets import Discriminator, MeshNet
-from umr.objectives import ObjectiveConfig, Stage2Objective
+from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
 from umr.trainer import Trainer, TrainSettings
 
 
@@ -53,29 +57,64 @@ class Clock:
         return timed
 
 
+def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_height=None, uv_channels=256) -> Trainer:
+    """A trainer of ``stage`` on the synthetic set in ``work`` with every loss on (texture loss l1)."""
+    dataset = CUBDataset(work / "CUB_200_2011", work / "cachedir" / "cub", img_size=img_size,
+                         scops_path=work / "scops" if stage == 2 else None)
+    # a bird-like template (the unit sphere would fill the whole frame at scale 1)
+    from umr.mesh import symmetric_template
+
+    half = torch.from_numpy(symmetric_template().verts[:337]).float() * torch.tensor([1.0, 0.55, 0.6])
+    model = MeshNet(stage=stage, img_size=img_size, pretrained_encoder=False, mean_shape=half, uv_height=uv_height,
+                    uv_channels=uv_channels)
+    config = ObjectiveConfig.for_stage(stage, image_size=img_size, texture_loss="l1")
+    if stage == 1:
+        objective = Stage1Objective(model, config, Discriminator(0.2, 1, img_size))
+    else:
+        labels = torch.randint(0, 5, (1280, 36), generator=torch.Generator().manual_seed(0))
+        parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(PART_NAMES)}
+        objective = Stage2Objective(model, config, labels, parts, Discriminator(0.2, 3, img_size))
+    settings = TrainSettings(batch_size=batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
+                             vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)
+    return Trainer(settings, model, objective, dataset, Context(0, 1, 0, torch.device("cpu")))
+
+
+def seconds_per_iteration(trainer: Trainer, iters: int) -> float:
+    """Median wall seconds of a whole training iteration (data, forward, backward, update)."""
+    loader = iter(trainer.loader(0))
+    times = []
+    for it in range(iters + 1):
+        start = time.perf_counter()
+        total, _, _ = trainer.step_module(next(loader), 0)
+        total.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if it:  # the first is a warm-up
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--img_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--uv_height", type=int, default=0, help="texture-flow network size (0: UMR's 128)")
+    parser.add_argument("--uv_channels", type=int, default=256, help="texture-flow decoder channels (UMR's 256)")
+    parser.add_argument("--no_64", action="store_true", help="skip the 64-px stage-1 / stage-2 timings")
     args = parser.parse_args()
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="umr_bench_"))
     synth_birds.generate(work, seed=0, photo_size=256, workers=1, progress=False,
-                         num_train=args.batch_size * (args.iters + 2), num_val=0, num_test=0)
-    dataset = CUBDataset(work / "CUB_200_2011", work / "cachedir" / "cub", img_size=args.img_size, scops_path=work / "scops")
-    # a bird-like stage-1 template (the unit sphere would fill the whole frame at scale 1)
-    from umr.mesh import symmetric_template
-
-    half = torch.from_numpy(symmetric_template().verts[:337]).float() * torch.tensor([1.0, 0.55, 0.6])
-    model = MeshNet(stage=2, img_size=args.img_size, pretrained_encoder=False, mean_shape=half)
-    labels = torch.randint(0, 5, (1280, 36), generator=torch.Generator().manual_seed(0))
-    parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(PART_NAMES)}
-    config = ObjectiveConfig.for_stage(2, image_size=args.img_size, texture_loss="l1")
-    objective = Stage2Objective(model, config, labels, parts, Discriminator(0.2, 3, args.img_size))
-    settings = TrainSettings(batch_size=args.batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
-                             vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)
-    trainer = Trainer(settings, model, objective, dataset, Context(0, 1, 0, torch.device("cpu")))
+                         num_train=max(args.batch_size, 16) * (args.iters + 2), num_val=0, num_test=0)
+    arch = {"uv_height": args.uv_height or None, "uv_channels": args.uv_channels}
+    quick = {}
+    if not args.no_64:
+        for stage in (1, 2):
+            quick[f"s{stage}_s_per_iter_64"] = round(seconds_per_iteration(make_trainer(stage, work, 64, 16, **arch),
+                                                                           args.iters), 3)
+    trainer = make_trainer(2, work, args.img_size, args.batch_size, **arch)
+    model, objective = trainer.model, trainer.objective
 
     clock = Clock()
     C = R._kernels()
@@ -132,6 +171,9 @@ def main():
         "share_other": round(1 - sum(shares.values()), 3),
         "img_size": args.img_size,
         "batch_size": args.batch_size,
+        **quick,
+        "uv_height": model.texture_predictor.uv_height,
+        "uv_channels": args.uv_channels,
         "threads": torch.get_num_threads(),
     }))
 

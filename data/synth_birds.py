@@ -496,6 +496,60 @@ def generate(out_dir, num_train=1000, num_val=100, num_test=200, seed=0, photo_s
     return counts
 
 
+def truth_template(gt_path, out_dir, num_birds: int = 100, smoothing: int = 10, uv_size=(128, 256)) -> dict:
+    """A semantic template made from the 3-D truth, in avg_uv's format (``--stemp_path``), to see
+    what a good template looks like and to train stage 2 without stage 1.
+
+    The template's vertices (directions of the unit icosphere, in the canonical frame: x forward,
+    y left, z up) are pushed to the mean outer surface of ``num_birds`` true birds of the split
+    (mean radius of the surface points around each direction), smoothed by ``smoothing`` steps
+    of uniform Laplacian smoothing (stage 2's smoothness priors penalise a bumpy template);
+    each vertex takes the part of the nearest true vertex, by majority over the birds. Writes
+    ``mean_v.pth``, ``semantic_seg.png`` and ``vertices_idx/`` under ``out_dir`` and returns
+    the number of vertices per part.
+    """
+    from umr.mesh import laplacian_matrix, symmetric_template
+
+    gt = np.load(gt_path)
+    mesh = symmetric_template()
+    dirs = mesh.verts / np.linalg.norm(mesh.verts, axis=1, keepdims=True)
+    vertex_part = np.zeros(gt["verts"].shape[1], dtype=np.int64)
+    for k in range(3):
+        vertex_part[gt["faces"][:, k]] = gt["face_parts"]
+    radii, votes = [], []
+    for verts, points in zip(gt["verts"][:num_birds], gt["surface_points"][:num_birds]):
+        dist = np.linalg.norm(points, axis=1)
+        weight = np.exp((dirs @ (points / dist[:, None]).T - 1) / 0.02)  # a soft cone around each direction
+        radius = (weight * dist).sum(1) / weight.sum(1)
+        radii.append(radius)
+        nearest = ((dirs[:, None] * radius[:, None, None] - verts[None]) ** 2).sum(-1).argmin(1)
+        votes.append(vertex_part[nearest])
+    template = dirs * np.mean(radii, 0)[:, None]
+    smooth = np.eye(len(template)) - laplacian_matrix(mesh.faces, len(template))  # neighbour mean
+    for _ in range(smoothing):
+        template = 0.5 * template + 0.5 * smooth @ template
+    half = template[: mesh.num_output].copy()
+    half[: mesh.num_indept, mesh.axis] = 0
+    votes = np.stack(votes)
+    labels = np.array([np.bincount(column, minlength=5).argmax() for column in votes.T])
+    right = slice(mesh.num_indept, mesh.num_output)
+    labels[mesh.num_output :] = labels[right]  # exactly symmetric: left vertices copy their right twins
+    out_dir = Path(out_dir)
+    (out_dir / "vertices_idx").mkdir(parents=True, exist_ok=True)
+    torch.save(torch.from_numpy(half).float(), out_dir / "mean_v.pth")
+    counts = {}
+    for k, part in enumerate(PART_LABELS[1:], start=1):
+        np.save(out_dir / "vertices_idx" / f"{part}_vertices.npy", np.flatnonzero(labels == k).astype(np.int64))
+        counts[part] = int((labels == k).sum())
+    height, width = uv_size
+    u, v = np.meshgrid(np.linspace(-1, 1, width), np.linspace(-1, 1, height))
+    phi, theta = u * np.pi, (v + 1) * np.pi / 2  # the UV sampler's parameterisation (umr.mesh)
+    texel_dirs = np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], -1)
+    seg = labels[(texel_dirs.reshape(-1, 3) @ dirs.T).argmax(1)].reshape(height, width)
+    Image.fromarray(seg.astype(np.uint8)).save(out_dir / "semantic_seg.png")
+    return counts
+
+
 def draw_preview(out_dir, path, count: int = 12, img_size: int = 160) -> None:
     """A grid of training crops: the photo with mask outline and visible keypoints, and beside it
     the SCOPS-like part map (head red, neck yellow, back blue, belly green)."""
@@ -539,6 +593,9 @@ def main(argv=None):
                       "SCOPS maps as full-image uint8 .npz (default) or the original's per-crop .npy.")
     flags.DEFINE_integer("crop_size", 256, "img_size of the per-crop SCOPS files (--scops_format crop).")
     flags.DEFINE_boolean("preview", False, "Also write <out>/preview.png with samples, masks, keypoints and parts.")
+    flags.DEFINE_boolean("truth_template", False,
+                         "Also write <out>/truth_template/: a semantic template made from the training split's 3-D "
+                         "truth, in avg_uv's format (train_s2 --stemp_path), to see stage 2 alone.")
     FLAGS = flags.FLAGS
 
     def run(_):
@@ -550,6 +607,9 @@ def main(argv=None):
         if FLAGS.preview:
             draw_preview(FLAGS.out, Path(FLAGS.out) / "preview.png")
             print(f"preview: {Path(FLAGS.out) / 'preview.png'}")
+        if FLAGS.truth_template and FLAGS.num_train:
+            counts = truth_template(Path(FLAGS.out) / "gt" / "train.npz", Path(FLAGS.out) / "truth_template")
+            print(f"truth template: {Path(FLAGS.out) / 'truth_template'} (vertices per part: {counts})")
         print((Path(FLAGS.out) / "README.txt").read_text(), end="")
 
     app.run(run, argv=argv)

@@ -14,6 +14,13 @@ is what ``train_s2 --stemp_path`` reads:
 * ``mean_v.pth`` (the stage-1 half template, 337 x 3);
 * ``mean_template.obj`` and ``vertex_label.obj`` (coloured meshes to look at).
 
+The part maps reach UV space through the predicted texture flow (the original), or with
+``--uv_source render`` through the predicted mesh and camera: each texture sample of the
+template is projected and reads the part map where its face (or its mirror twin) is visible;
+this needs only the shape and camera, which stage 1 learns long before a sharp texture flow.
+A template with an empty or implausibly small part (``--min_part_share``) is refused: its
+pictures and ``semantic_prob.npy`` are written, ``vertices_idx/`` and ``mean_v.pth`` are not.
+
 By default the model runs in eval mode, the exemplar is scored against the image as it is, and
 λ = mean distance / mean deformation over the whole set. ``--compat`` restores the original:
 train-mode batch norm, a "flipped" camera compared with the mirrored image (which only
@@ -33,16 +40,25 @@ from data.cub import make_loader
 from experiments import flags as umr_flags
 from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
 from umr import distributed as D
-from umr.losses import PART_NAMES, make_texture_distance
-from umr.nets import load_original_checkpoint
+from umr.losses import PART_NAMES, check_part_vertices, make_texture_distance
+from umr.nets import load_original_checkpoint, read_state
+from umr.mesh import uv_image_size
 from umr.obj_io import save_obj
-from umr.renderer import SoftRenderer
+from umr.evaluation import oracle_texture_flow
+from umr.geometry import sample_textures
+from umr.renderer import SoftRenderer, face_pixel_centers
 
 umr_flags.define_test_flags()
+umr_flags.define_min_part_share()
 flags.DEFINE_string("out_dir", "cachedir/snapshots/cub_net/", "Where to write the semantic template.")
 flags.DEFINE_enum("texture_loss", "perceptual", ["perceptual", "l1"],
                   "Distance of the exemplar search: UMR's perceptual one (needs AlexNet's ImageNet weights) or l1.")
 flags.DEFINE_integer("num_parts", 4, "SCOPS parts (besides the background).")
+flags.DEFINE_enum("uv_source", "flow", ["flow", "render"],
+                  "How a training image's part map reaches the template: through the predicted texture flow (flow, "
+                  "the original), or through the predicted mesh and camera (render: each texture sample is "
+                  "projected and reads the part map where its face, or its mirror twin, is visible). render needs "
+                  "no trained texture flow, only the shape and camera, which stage 1 learns first.")
 FLAGS = flags.FLAGS
 
 PART_COLOURS = np.array([[0.8, 0.8, 0.8], [0.9, 0.24, 0.24], [0.94, 0.78, 0.16], [0.24, 0.55, 0.94], [0.31, 0.78, 0.35]])
@@ -51,6 +67,41 @@ PART_COLOURS = np.array([[0.8, 0.8, 0.8], [0.9, 0.24, 0.24], [0.94, 0.78, 0.16],
 def uv_part_maps(part_prob: torch.Tensor, uv_image: torch.Tensor) -> torch.Tensor:
     """Part maps (B, 5, S, S) pulled into UV space through the UV flow images (B, 2, H, W)."""
     return F.grid_sample(part_prob, uv_image.permute(0, 2, 3, 1), align_corners=True)
+
+
+def sample_part_maps(part_prob: torch.Tensor, verts: torch.Tensor, cam: torch.Tensor, faces: torch.Tensor, mesh,
+                     renderer, tex_size: int) -> tuple:
+    """Part maps read at the template's texture samples through the predicted mesh and camera.
+
+    Each sample of each half-template face (the UV sampler's points) is projected with the camera
+    and reads the part map (B, 5, S, S) there when its face is visible in the render's z-buffer;
+    a right face's mirror twin (same labels: the template is symmetric) adds its own reading. A
+    visible surface point is bird, so a reading counts with the weight of the bird's probability
+    there (1 − background) and carries only the four parts.
+    Returns the summed readings (B, 5, F_half, T*T) (channel 0 zero) and their summed weights
+    (B, 1, F_half, T*T).
+    """
+    flow = oracle_texture_flow(verts, faces, cam, tex_size)  # (B, F, T, T, 2): the samples' projections
+    readings = sample_textures(flow, part_prob).flatten(2, 3)  # (B, F, T*T, 5)
+    visible = face_pixel_centers(renderer(verts, faces, cam).face_index, len(faces))[1].to(readings.dtype)
+    weight = visible[..., None] * (1 - readings[..., 0])  # (B, F, T*T)
+    readings = torch.cat([torch.zeros_like(readings[..., :1]), readings[..., 1:]], -1) * visible[..., None, None]
+    half, indept = mesh.num_half_faces, mesh.num_indept_faces
+    total, weights = readings[:, :half].clone(), weight[:, :half].clone()
+    total[:, indept:] += readings[:, half:]  # left row i mirrors right row indept + i
+    weights[:, indept:] += weight[:, half:]
+    return total.permute(0, 3, 1, 2), weights[:, None]
+
+
+def samples_to_uv_image(values: torch.Tensor, sampler: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Per-sample values (C, F_half, T*T) as a UV image (C, H, W): each texel takes the value of
+    the sample nearest to it in UV coordinates (the sampler (F_half, T*T, 2), grid x/y)."""
+    from scipy.spatial import cKDTree
+
+    height, width = size
+    xs, ys = np.meshgrid(np.linspace(-1, 1, width), np.linspace(-1, 1, height))
+    nearest = cKDTree(sampler.reshape(-1, 2).cpu().numpy()).query(np.stack([xs.ravel(), ys.ravel()], 1))[1]
+    return values.flatten(1)[:, torch.from_numpy(nearest)].view(values.shape[0], height, width)
 
 
 def flip_camera(cam: torch.Tensor) -> torch.Tensor:
@@ -84,8 +135,9 @@ def main(_):
     ctx = D.setup(FLAGS.device)
     torch.manual_seed(0)
     out_dir = Path(FLAGS.out_dir)
-    model = build_model(FLAGS, stage=1, pretrained=False)
-    load_original_checkpoint(model, FLAGS.model_path)
+    state = read_state(FLAGS.model_path)
+    model = build_model(FLAGS, stage=1, pretrained=False, saved_flags=state.get("__flags__"))
+    load_original_checkpoint(model, state)
     model.to(ctx.device)
     model.train(FLAGS.compat)  # the original left batch norm in train mode
     dataset = build_dataset(FLAGS, "train", use_scops=True, train=True)
@@ -94,6 +146,7 @@ def main(_):
     renderer = SoftRenderer(FLAGS.image_size).to(ctx.device)  # white texture, default lighting
     template = model.get_mean_shape()
     faces = model.faces
+    prob_size = uv_image_size(model.mesh.num_half_faces, FLAGS.tex_size)
 
     def batches(epoch, desc):
         dataset.set_epoch(epoch)
@@ -103,8 +156,21 @@ def main(_):
                 break
             yield {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    reader = SoftRenderer(FLAGS.image_size).ambient_light_only().to(ctx.device)  # z-buffer only
+
+    def part_readings(part_prob, out):
+        """A batch's part maps in the template's UV space: summed readings (B, 5, H', W') and
+        their weights (B, 1, H', W') (flow: every texel once; render: per texture sample)."""
+        if FLAGS.uv_source == "flow":
+            maps = uv_part_maps(part_prob, out["uvimage_pred"])
+            return maps, torch.ones_like(maps[:, :1])
+        return sample_part_maps(part_prob, out["verts"], out["cam"], faces, model.mesh, reader, FLAGS.tex_size)
+
+    def mean_reading(total, weight):
+        return total / weight.clamp_min(1e-12), (weight > 0).to(total.dtype)
+
     # Pass 1: the exemplar.
-    scores, best_uv, best = [], None, (np.inf, None)
+    scores, best, best_score = [], None, np.inf
     with torch.no_grad():
         for batch in batches(0, "avg_uv pass 1 (exemplar)"):
             out = model(batch["img"])
@@ -117,9 +183,10 @@ def main(_):
             if FLAGS.compat:  # λ of this batch, keep the running best
                 score = dist + dist.mean() / reg.mean() * reg
                 b = int(score.argmin())
-                if score[b] < best[0]:
-                    best = (float(score[b]), None)
-                    best_uv = uv_part_maps(batch["part_prob"][b : b + 1], out["uvimage_pred"][b : b + 1])[0]
+                if score[b] < best_score:
+                    best_score = float(score[b])
+                    one = {k: v[b : b + 1] for k, v in out.items()}
+                    best = mean_reading(*part_readings(batch["part_prob"][b : b + 1], one))
             for i in range(len(dist)):
                 scores.append((float(dist[i]), float(reg[i]), int(batch["inds"][i])))
     if not scores:
@@ -133,32 +200,44 @@ def main(_):
         item = dataset[exemplar]
         with torch.no_grad():
             out = model(torch.from_numpy(item["img"])[None].to(ctx.device))
-            best_uv = uv_part_maps(torch.from_numpy(item["part_prob"])[None].to(ctx.device), out["uvimage_pred"])[0]
+            best = mean_reading(*part_readings(torch.from_numpy(item["part_prob"])[None].to(ctx.device), out))
+    best_map, best_seen = best
 
-    # Pass 2: average the UV part maps closest to the exemplar's.
-    total, count = torch.zeros_like(best_uv), 0
+    # Pass 2: average the UV part maps closest to the exemplar's (where both are seen).
+    total, weight = 0, 0
     with torch.no_grad():
         for batch in batches(1, "avg_uv pass 2 (average)"):
             out = model(batch["img"])
-            uv = uv_part_maps(batch["part_prob"], out["uvimage_pred"])
-            nearest = ((uv - best_uv) ** 2).sum((1, 2, 3)).argsort()[: min(5, len(uv))]
-            total += uv[nearest].sum(0)
-            count += len(nearest)
-    prob = (total / count).cpu()  # (5, H_uv, W_uv)
+            readings, weights = part_readings(batch["part_prob"], out)
+            maps, seen = mean_reading(readings, weights)
+            both = seen * best_seen
+            dist = (both * (maps - best_map) ** 2).sum((1, 2, 3)) / both.sum((1, 2, 3)).clamp_min(1)
+            nearest = dist.argsort()[: min(5, len(maps))]
+            total = total + readings[nearest].sum(0)
+            weight = weight + weights[nearest].sum(0)
+    # (5, H', W'); parts of the template no chosen image showed get the average distribution
+    prob = torch.where(weight > 0, total / weight.clamp_min(1e-12), total.sum((1, 2), keepdim=True) / weight.sum()).cpu()
+    if FLAGS.uv_source == "render":
+        prob = samples_to_uv_image(prob, model.texture_predictor.uv_sampler, prob_size)
 
+    # the file format's 128 x 256 UV image, whatever the size of the model's UV flow image
+    prob = F.interpolate(prob[None], size=prob_size, mode="bilinear", align_corners=True)[0]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vertices_idx").mkdir(exist_ok=True)
     np.save(out_dir / "semantic_prob.npy", prob.permute(1, 2, 0).numpy().astype(np.float32))
     Image.fromarray(prob.argmax(0).numpy().astype(np.uint8)).save(out_dir / "semantic_seg.png")
     per_sample, face_labels, vertex_labels = labels_from_uv(prob, model)
-    for label, part in enumerate(PART_NAMES, start=1):
-        np.save(out_dir / "vertices_idx" / f"{part}_vertices.npy", np.flatnonzero(vertex_labels == label).astype(np.int64))
-    torch.save(model.mean_v.detach().cpu().float().clone(), out_dir / "mean_v.pth")
     verts = template.cpu()
     tex = PART_COLOURS[per_sample].reshape(len(face_labels), FLAGS.tex_size, FLAGS.tex_size, 3)
     save_obj(out_dir / "mean_template.obj", verts, model.mesh.faces, face_textures=tex)
     save_obj(out_dir / "vertex_label.obj", verts, model.mesh.faces, vertex_colors=PART_COLOURS[vertex_labels])
-    counts = {p: int((vertex_labels == i).sum()) for i, p in enumerate(PART_NAMES, start=1)}
+    parts = {p: np.flatnonzero(vertex_labels == i) for i, p in enumerate(PART_NAMES, start=1)}
+    # a template the semantic losses cannot use is refused before stage 2 could read it
+    counts = check_part_vertices(parts, len(vertex_labels), FLAGS.min_part_share,
+                                 f"of {out_dir} (its pictures and semantic_prob.npy are there to look at)")
+    (out_dir / "vertices_idx").mkdir(exist_ok=True)
+    for part, index in parts.items():
+        np.save(out_dir / "vertices_idx" / f"{part}_vertices.npy", index.astype(np.int64))
+    torch.save(model.mean_v.detach().cpu().float().clone(), out_dir / "mean_v.pth")
     print(f"avg_uv: semantic template written to {out_dir} (vertices per part: {counts}); "
           f"use it with train_s2 --stemp_path {out_dir}")
 

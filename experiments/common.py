@@ -13,11 +13,12 @@ import torch
 from data.cub import CUBDataset, DataError
 from data.synth_birds import canonical_camera
 from umr import distributed as D
-from umr.evaluation import oracle_texture_flow
-from umr.nets import MeshNet, PretrainedWeightsMissing, load_original_checkpoint
+from umr.evaluation import Validator, oracle_texture_flow, predict, with_render
+from umr.losses import SemanticTemplateError
+from umr.nets import MeshNet, PretrainedWeightsMissing, checkpoint_stage, load_original_checkpoint, read_state
 from umr.renderer import SoftRenderer
 
-USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError)
+USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError, SemanticTemplateError)
 
 
 def user_errors_exit(main):
@@ -77,26 +78,89 @@ def build_dataset(flags, split: str, use_scops: bool, train: bool = True) -> CUB
     )
 
 
-def build_model(flags, stage: int, mean_shape=None, pretrained=None) -> MeshNet:
+def build_validator(flags, device) -> "Validator | None":
+    """The training-time validator of the flags (None with ``--val_freq 0``): the first
+    ``--val_images`` images of ``--val_split`` (unaugmented), ``--val_pairs`` fixed image pairs,
+    and the synthetic set's 3-D truth when the split has one."""
+    if not flags.val_freq:
+        return None
+    try:
+        dataset = build_dataset(flags, flags.val_split, use_scops=False, train=False)
+    except DataError as err:
+        raise DataError(f"{err} -- validation reads --val_split {flags.val_split}; pick another split or "
+                        "turn validation off with --val_freq 0") from err
+    count = min(flags.val_images, len(dataset))
+    if count < 2:
+        raise DataError(f"--val_split {flags.val_split} has {len(dataset)} image(s); validation needs at least 2 "
+                        "(or --val_freq 0)")
+    samples = [dataset[i] for i in range(count)]
+    items = {k: torch.from_numpy(np.stack([np.asarray(s[k]) for s in samples]))
+             for k in ("img", "mask", "kp", "sfm_pose", "inds")}
+    rng = np.random.RandomState(0)
+    first = rng.randint(count, size=flags.val_pairs)
+    second = (first + 1 + rng.randint(count - 1, size=flags.val_pairs)) % count  # never the same image
+    truth = None
+    path = truth_path(flags, flags.val_split, required=False)
+    if path is not None:
+        gt = np.load(path)
+        truth = {"cam": canonical_camera(items["sfm_pose"]).float(),
+                 "surface_points": torch.from_numpy(gt["surface_points"][items["inds"].numpy()]).float()}
+    renderer = SoftRenderer(flags.image_size).ambient_light_only().to(device)
+    return Validator(items, torch.from_numpy(np.stack([first, second], 1)), renderer, truth,
+                     padding_frac=flags.padding_frac)
+
+
+# Flags that shape the network: a checkpoint's own values win when the model is rebuilt from it.
+ARCHITECTURE_FLAGS = ("nz_feat", "z_dim", "num_hypo_cams", "tex_size", "subdivide", "axis", "uv_height", "uv_channels")
+
+
+def build_model(flags, stage: int, mean_shape=None, pretrained=None, saved_flags=None) -> MeshNet:
+    """The network of the flags; ``saved_flags`` (a checkpoint's training flags) override the
+    architecture flags, so a checkpoint is rebuilt as it was trained."""
+    arch = {k: getattr(flags, k) for k in ARCHITECTURE_FLAGS}
+    arch.update({k: v for k, v in (saved_flags or {}).items() if k in ARCHITECTURE_FLAGS})
     return MeshNet(
         stage=stage,
         img_size=flags.img_size,
-        nz_feat=flags.nz_feat,
-        z_dim=flags.z_dim,
-        num_hypo_cams=flags.num_hypo_cams,
-        tex_size=flags.tex_size,
-        subdivide=flags.subdivide,
-        axis=flags.axis,
+        nz_feat=arch["nz_feat"],
+        z_dim=arch["z_dim"],
+        num_hypo_cams=arch["num_hypo_cams"],
+        tex_size=arch["tex_size"],
+        subdivide=arch["subdivide"],
+        axis=arch["axis"],
         pretrained_encoder=flags.pretrained_encoder if pretrained is None else pretrained,
         mean_shape=mean_shape,
         compat=flags.compat,
+        logvar_init=getattr(flags, "logvar_init", None),
+        side_view_init=getattr(flags, "side_view_init", False),
+        uv_height=arch["uv_height"] or None,
+        uv_channels=arch["uv_channels"],
     )
 
 
+def init_from_checkpoint(model: MeshNet, path, parts=("encoder", "texture_predictor")) -> list:
+    """Copy the weights of ``parts`` (module names) from a checkpoint of another model, e.g. the
+    encoder and texture-flow predictor of the stage-1 model into a new stage-2 model; returns
+    the parts copied. The two models must agree on those parts' shapes (same --img_size, ...)."""
+    state = read_state(path)
+    own = model.state_dict()
+    copied = {}
+    for part in parts:
+        keys = [k for k in own if k.startswith(part + ".") and not k.endswith("uv_sampler")]
+        missing = [k for k in keys if k not in state or tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing:
+            raise DataError(f"--init_from {path}: its '{part}' does not match this model ({missing[0]} differs; "
+                            "same --img_size and network flags are needed)")
+        copied.update({k: state[k] for k in keys})
+    model.load_state_dict(copied, strict=False)
+    return list(parts)
+
+
 def load_trained_model(flags, device) -> MeshNet:
-    """A stage-2 model from ``--model_path`` (ours or the original's), in eval mode."""
-    model = build_model(flags, stage=2, pretrained=False)
-    load_original_checkpoint(model, flags.model_path)
+    """The stage-1 or stage-2 model of ``--model_path`` (ours or the original's), in eval mode."""
+    state = read_state(flags.model_path)
+    model = build_model(flags, stage=checkpoint_stage(state), pretrained=False, saved_flags=state.get("__flags__"))
+    load_original_checkpoint(model, state)
     return model.to(device).eval()
 
 
@@ -126,26 +190,23 @@ class Predictor:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
-        img = batch["img"].to(self.device)
-        if self.model is None:
-            verts = self.true_verts[batch["inds"]].to(self.device)
-            cam = canonical_camera(batch["sfm_pose"]).float().to(self.device)
-            out = {"verts": verts, "cam": cam, "template": verts,
-                   "tex_flow": oracle_texture_flow(verts, self.faces, cam, self.flags.tex_size)}
-        else:
-            pred = self.model(img)
-            template = self.model.get_mean_shape()[None].expand(len(img), -1, -1)
-            out = {"verts": pred["verts"], "cam": pred["cam"], "tex_flow": pred["tex_flow"], "template": template}
-        render = self.renderer(out["verts"], self.faces, out["cam"])
-        out.update(alpha=render.image[:, 3], face_index=render.face_index, depth=render.depth)
-        return out
+        if self.model is not None:
+            return predict(self.model, batch["img"].to(self.device), self.renderer)
+        verts = self.true_verts[batch["inds"]].to(self.device)
+        cam = canonical_camera(batch["sfm_pose"]).float().to(self.device)
+        out = {"verts": verts, "cam": cam, "template": verts,
+               "tex_flow": oracle_texture_flow(verts, self.faces, cam, self.flags.tex_size)}
+        return with_render(out, self.faces, self.renderer)
 
 
-def truth_path(flags, split: str) -> Path:
-    """The synthetic set's 3-D truth of a split (``--gt_dir``, default <cub_cache_dir>/../../gt)."""
-    gt_dir = Path(flags.gt_dir) if flags.gt_dir else Path(flags.cub_cache_dir).resolve().parent.parent / "gt"
+def truth_path(flags, split: str, required: bool = True):
+    """The synthetic set's 3-D truth of a split (``--gt_dir``, default <cub_cache_dir>/../../gt);
+    None when it is missing and not ``required``."""
+    gt_dir = Path(flags.gt_dir) if getattr(flags, "gt_dir", "") else Path(flags.cub_cache_dir).resolve().parent.parent / "gt"
     path = gt_dir / f"{split}.npz"
     if not path.is_file():
+        if not required:
+            return None
         raise DataError(f"the synthetic set's 3-D truth {path} is missing (set --gt_dir; CUB has none)")
     return path
 

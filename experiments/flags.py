@@ -52,6 +52,13 @@ def define_model_flags():
     flags.DEFINE_integer("tex_size", 6, "Texture samples per face side.")
     flags.DEFINE_integer("subdivide", 3, "Icosphere subdivisions of the template (3: 642 vertices, 1280 faces).")
     flags.DEFINE_integer("axis", 1, "Symmetry axis of the template.")
+    flags.DEFINE_integer("uv_height", 0,
+                         "Rows of the predicted UV flow image (a power of two; its width is twice that). 0: from the "
+                         "face count and --tex_size, 128 for the default mesh, as the original. 32 suffices for 64-px "
+                         "images and makes the texture-flow network several times cheaper.")
+    flags.DEFINE_integer("uv_channels", 256,
+                         "Channels of the texture-flow decoder's first 4 x 8 feature map (the two fully connected "
+                         "layers before it have 32 times as many units); 256 as the original.")
     flags.DEFINE_boolean("pretrained_encoder", True,
                          "Start the ResNet-18 encoder from ImageNet weights (torchvision's, from the local torch hub "
                          "cache); --nopretrained_encoder trains it from scratch (new flag).")
@@ -82,13 +89,31 @@ def define_train_flags(stage: int):
     flags.DEFINE_integer("save_epoch_freq", 301, "Also save pred_net_<epoch>.pth every this many epochs.")
     flags.DEFINE_integer("display_freq", 100, "Write PNG visuals every this many iterations (0: never).")
     flags.DEFINE_boolean("display_visuals", False,
-                         "Also show visuals and losses live in visdom (start a server first: python -m visdom.server). "
-                         "The original's default was True and meant saving visuals, which now always happens.")
+                         "Also show visuals and losses live in visdom (optional: pip install visdom, then start a server "
+                         "with python -m visdom.server, which needs internet the first time). TensorBoard needs "
+                         "nothing more: tensorboard --logdir <checkpoint_dir>.")
     flags.DEFINE_string("visdom_server", "http://localhost", "visdom server address.")
     flags.DEFINE_integer("visdom_port", 8097, "visdom server port.")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Device: CUDA if available (auto), or forced (new flag).")
     flags.DEFINE_boolean("resume", False, "Continue the run <checkpoint_dir>/<name> from its latest checkpoint (new flag).")
     flags.DEFINE_integer("seed", 0, "Seed of torch, numpy and python random (the original used 0).")
+    flags.DEFINE_float("logvar_init", None,
+                       "Initial bias of the latent code's log-variance head (default: PyTorch's init, as the "
+                       "original: the injected noise then starts with unit variance and hides the image's code "
+                       "from the shape predictor until training shrinks it; e.g. -6 starts nearly noise-free).")
+    if s1:
+        flags.DEFINE_boolean("side_view_init", False,
+                             "Start the stage-1 camera at the side view of the first stage-2 camera hypothesis for "
+                             "every image (default: PyTorch's init, as the original, a random rotation), so the "
+                             "template is learnt in the frame that stage 2's hypotheses assume.")
+    flags.DEFINE_integer("val_freq", 1000,
+                         "Validate every this many iterations and at the end of the run (0: never): mask IoU, "
+                         "PCK@0.1 by flow and by camera on --val_split, and with the synthetic set's 3-D truth the "
+                         "rotation error, Chamfer-L2 and F-score; logged to loss_log.jsonl, TensorBoard and "
+                         "<checkpoint_dir>/<name>/curves.png.")
+    flags.DEFINE_string("val_split", "val", "Held-out split for validation.")
+    flags.DEFINE_integer("val_images", 100, "Validation images (the first ones of --val_split).")
+    flags.DEFINE_integer("val_pairs", 100, "Keypoint-transfer pairs among the validation images.")
     flags.DEFINE_boolean("multi_gpu", False,
                          "Kept for the original's commands: several GPUs are now used by launching with torchrun, "
                          "e.g. torchrun --nproc_per_node 4 -m experiments.train_s1 ...; this flag alone changes nothing.")
@@ -116,6 +141,18 @@ def define_train_flags(stage: int):
         flags.DEFINE_float("vertex_loss_wt", 10.0, "Vertex correspondence loss weight.")
         flags.DEFINE_string("stemp_path", "unsup-mesh/cachedir/cub/scops/",
                             "Semantic template written by avg_uv (mean_v.pth, semantic_seg.png, vertices_idx/).")
+        define_min_part_share()
+        flags.DEFINE_string("init_from", "",
+                            "Start the encoder and the texture-flow predictor from this checkpoint (e.g. the stage-1 "
+                            "model's pred_net_latest.pth) instead of ImageNet weights or scratch; the camera "
+                            "hypotheses and the shape predictor start as usual.")
+
+
+@_once
+def define_min_part_share():
+    flags.DEFINE_float("min_part_share", 0.02,
+                       "Smallest share of the template's vertices a part of the semantic template may have; a "
+                       "template with a smaller (or empty) part is refused by avg_uv and train_s2.")
 
 
 @_once

@@ -11,7 +11,7 @@ and PNG visuals in <vis_dir>/<name>/.
 from absl import app
 
 from experiments import flags as F
-from experiments.common import build_dataset, build_model, check_sizes, run_training, user_errors_exit
+from experiments.common import build_dataset, build_model, build_validator, check_sizes, run_training, user_errors_exit
 from umr import distributed as D
 from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage1Objective
@@ -33,7 +33,8 @@ def main(_):
     objective = Stage1Objective(model, config, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
-                      end_of_epoch=make_template_update(FLAGS.update_template_freq))
+                      end_of_epoch=make_template_update(FLAGS.update_template_freq, FLAGS.compat),
+                      validate=build_validator(FLAGS, ctx.device))
     run_training("train_s1", trainer, dataset, ctx)
 
 

@@ -10,9 +10,10 @@ Outputs as train_s1.
 from absl import app
 
 from experiments import flags as F
-from experiments.common import build_dataset, build_model, check_sizes, run_training, user_errors_exit
+from experiments.common import (build_dataset, build_model, build_validator, check_sizes, init_from_checkpoint,
+                                run_training, user_errors_exit)
 from umr import distributed as D
-from umr.losses import SemanticTemplate, face_sample_labels
+from umr.losses import SemanticTemplate, check_part_vertices, face_sample_labels
 from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage2Objective
 from umr.trainer import Trainer, TrainSettings, seed_everything
@@ -29,12 +30,18 @@ def main(_):
     seed_everything(FLAGS.seed)
     dataset = build_dataset(FLAGS, FLAGS.split, use_scops=True)
     model = build_model(FLAGS, stage=2, mean_shape=template.mean_v)
+    check_part_vertices(template.vertices, len(model.mesh.verts), FLAGS.min_part_share, FLAGS.stemp_path)
+    if FLAGS.init_from and not FLAGS.resume:
+        parts = init_from_checkpoint(model, FLAGS.init_from)
+        if ctx.is_main:
+            print(f"train_s2: {', '.join(parts)} initialised from {FLAGS.init_from}")
     labels = face_sample_labels(template.seg, model.texture_predictor.uv_sampler, model.mesh, FLAGS.compat)
     config = ObjectiveConfig.from_flags(FLAGS, stage=2)
     disc = Discriminator(FLAGS.grl_wt, 3, FLAGS.image_size) if FLAGS.use_gan else None
     objective = Stage2Objective(model, config, labels, template.vertices, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
-                      extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()})
+                      extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()},
+                      validate=build_validator(FLAGS, ctx.device))
     run_training("train_s2", trainer, dataset, ctx)
 
 

@@ -249,3 +249,34 @@ def test_barrier_distance_transform():
     assert np.all((dt > 0) & (dt < 1))
     np.testing.assert_allclose(dt[:, 7], 0.5)
     assert np.all(np.diff(dt[7]) > 0)  # monotone from deep inside to far outside
+
+
+def test_truth_template_is_what_a_good_semantic_template_looks_like(synth, tmp_path):
+    """The template made from the 3-D truth has every part with a plausible share of the
+    vertices, the head at the front and top, the belly below; the semantic losses' template
+    check accepts it and refuses the same template without a head; avg_uv's labelling of its UV
+    label image gives back (nearly) the same vertex labels."""
+    from experiments.avg_uv import labels_from_uv
+    from umr.losses import PART_NAMES, SemanticTemplate, SemanticTemplateError, check_part_vertices
+    from umr.nets import MeshNet
+
+    counts = synth_birds.truth_template(synth / "gt" / "train.npz", tmp_path, smoothing=10)
+    template = SemanticTemplate(tmp_path)
+    assert counts == {p: len(v) for p, v in template.vertices.items()}
+    check_part_vertices(template.vertices, 642, 0.02, tmp_path)
+    with pytest.raises(SemanticTemplateError, match="head 0"):
+        check_part_vertices({**template.vertices, "head": template.vertices["head"][:0]}, 642, 0.02, tmp_path)
+    verts = MeshNet(stage=2, pretrained_encoder=False, mean_shape=template.mean_v).get_mean_shape()
+    centre = {p: verts[v].mean(0) for p, v in template.vertices.items()}
+    head, belly, back = centre["head"], centre["belly"], centre["back"]
+    assert head[0] > 0.3 and head[0] > back[0] and head[2] > belly[2]  # x forward, z up
+    assert belly[2] < back[2]
+    assert template.mean_v[:, 1].min() >= 0  # the half template: centre and right (y >= 0) vertices
+    # avg_uv's face and vertex labelling of the UV label image as a (one-hot) distribution
+    model = MeshNet(stage=1, img_size=64, pretrained_encoder=False)
+    prob = torch.nn.functional.one_hot(torch.from_numpy(np.array(template.seg)).long(), 5).permute(2, 0, 1).float()
+    _, _, vertex_labels = labels_from_uv(prob, model)
+    truth = np.zeros(642, dtype=np.int64)
+    for k, part in enumerate(PART_NAMES, start=1):
+        truth[template.vertices[part].numpy()] = k
+    assert (vertex_labels == truth).mean() > 0.9
