@@ -97,6 +97,9 @@ def define_train_flags(stage: int):
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Device: CUDA if available (auto), or forced (new flag).")
     flags.DEFINE_boolean("resume", False, "Continue the run <checkpoint_dir>/<name> from its latest checkpoint (new flag).")
     flags.DEFINE_integer("seed", 0, "Seed of torch, numpy and python random (the original used 0).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float64"],
+                      "Training precision. float64 (about 2x slower) for gradient checks and debugging: it takes "
+                      "float32 rounding, which batch norm over a few samples amplifies, out of comparisons.")
     flags.DEFINE_float("logvar_init", None,
                        "Initial bias of the latent code's log-variance head (default: PyTorch's init, as the "
                        "original: the injected noise then starts with unit variance and hides the image's code "

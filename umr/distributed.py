@@ -103,8 +103,10 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         new = SyncBatchNormAnyDevice(module.num_features, module.eps, module.momentum, module.affine,
                                      module.track_running_stats)
-        new.load_state_dict(module.state_dict())
-        return new
+        state = module.state_dict()
+        new.load_state_dict(state)
+        reference = state.get("running_mean", module.weight)
+        return new.to(reference.device, reference.dtype) if reference is not None else new
     for name, child in module.named_children():
         module.add_module(name, convert_batchnorm(child))
     return module

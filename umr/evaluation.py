@@ -339,16 +339,18 @@ class Validator:
 
     def predictions(self, model) -> dict:
         """Predictions (:func:`predict`) for every image, on the model's device."""
-        device = next(model.parameters()).device
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
         renderer = self.renderer.to(device)
         was_training = model.training
         model.eval()
         try:
-            chunks = [predict(model, self.items["img"][i : i + self.batch_size].to(device), renderer)
+            chunks = [predict(model, self.items["img"][i : i + self.batch_size].to(device, dtype), renderer)
                       for i in range(0, len(self), self.batch_size)]
         finally:
             model.train(was_training)
-        return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        joined = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        return {k: v.float() if v.is_floating_point() else v for k, v in joined.items()}  # float64 models too
 
     def __call__(self, model) -> dict:
         pred = self.predictions(model)

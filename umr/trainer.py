@@ -64,6 +64,7 @@ class TrainSettings:
     seed: int = 0
     n_data_workers: int = 4
     val_freq: int = 0
+    dtype: str = "float32"
 
     @classmethod
     def from_flags(cls, flags) -> "TrainSettings":
@@ -160,8 +161,10 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+    """Tensors to ``device``; floating-point ones to ``dtype`` too."""
+    return {k: (v.to(device, dtype if v.is_floating_point() else None, non_blocking=True)
+                if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 class Trainer:
@@ -189,7 +192,10 @@ class Trainer:
         if settings.batch_size % ctx.world_size:
             raise ValueError(f"--batch_size {settings.batch_size} must be divisible by the {ctx.world_size} processes")
         self.local_batch = settings.batch_size // ctx.world_size
-        self.model, self.objective = model.to(ctx.device), objective.to(ctx.device)
+        if settings.dtype not in ("float32", "float64"):
+            raise ValueError(f"--dtype must be float32 or float64, got {settings.dtype!r}")
+        self.dtype = getattr(torch, settings.dtype)
+        self.model, self.objective = model.to(ctx.device, self.dtype), objective.to(ctx.device, self.dtype)
         # the ResNet's classifier is kept only for the checkpoint layout: never trained
         for p in self.model.encoder.resnet_conv.resnet.fc.parameters():
             p.requires_grad_(False)
@@ -259,7 +265,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.iteration, self.step = state["epoch"], state["iteration"], state["step"]
         if state.get("previous_real") is not None and hasattr(self.objective, "previous_real"):
-            self.objective.previous_real = state["previous_real"].to(self.ctx.device)
+            self.objective.previous_real = state["previous_real"].to(self.ctx.device, self.dtype)
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -389,7 +395,7 @@ class Trainer:
                        dynamic_ncols=True)
             self.step_module.train()
             for batch in loader:
-                batch = _to_device(batch, self.ctx.device)
+                batch = _to_device(batch, self.ctx.device, self.dtype)
                 self.step += 1
                 lr = s.learning_rate / (1 + 5e-4 * self.step)
                 for group in self.optimizer.param_groups:
@@ -463,7 +469,7 @@ def make_template_update(freq: int, compat: bool = False) -> Callable:
         with torch.no_grad():
             for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
                               disable=not trainer.ctx.is_main):
-                batch = _to_device(batch, device)
+                batch = _to_device(batch, device, trainer.dtype)
                 out = model(batch["img"], batch["eps_z"], batch["u_cam"])
                 total += (out["noise"] if compat else out["delta_v"]).double().sum(0)
                 count += len(out["noise"])
