@@ -557,7 +557,9 @@ def draw_preview(out_dir, path, count: int = 12, img_size: int = 160) -> None:
 
     dataset = CUBDataset(Path(out_dir) / "CUB_200_2011", Path(out_dir) / "cachedir" / "cub", split="train",
                          img_size=img_size, mirror=False, jitter_frac=0.0, scops_path=Path(out_dir) / "scops")
-    part_colours = np.array([[255, 255, 255], [230, 60, 60], [240, 200, 40], [60, 140, 240], [80, 200, 90]], np.float32) / 255
+    from umr.visuals import PART_COLOURS
+
+    part_colours = PART_COLOURS.astype(np.float32)
     tiles = []
     for i in range(min(count, len(dataset))):
         item = dataset[i]

@@ -12,7 +12,8 @@ is what ``train_s2 --stemp_path`` reads:
 * ``semantic_prob.npy`` (128 x 256 x 5 float32), ``semantic_seg.png`` (its argmax, 0..4);
 * ``vertices_idx/{head,neck,back,belly}_vertices.npy`` (template vertex indices per part);
 * ``mean_v.pth`` (the stage-1 half template, 337 x 3);
-* ``mean_template.obj`` and ``vertex_label.obj`` (coloured meshes to look at).
+* ``mean_template.obj``, ``vertex_label.obj`` (coloured meshes) and ``template.png`` (the template
+  coloured by part, from the side, at 45 degrees, from the front and from above) to look at.
 
 The part maps reach UV space through the predicted texture flow (the original), or with
 ``--uv_source render`` through the predicted mesh and camera: each texture sample of the
@@ -36,17 +37,17 @@ from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
 
-from data.cub import make_loader
+from data.cub import DataError, make_loader
 from experiments import flags as umr_flags
-from experiments.common import build_dataset, build_model, check_sizes, user_errors_exit
+from experiments.common import build_dataset, check_sizes, load_trained_model, user_errors_exit
 from umr import distributed as D
 from umr.losses import PART_NAMES, check_part_vertices, make_texture_distance
-from umr.nets import load_original_checkpoint, read_state
 from umr.mesh import uv_image_size
 from umr.obj_io import save_obj
 from umr.evaluation import oracle_texture_flow
 from umr.geometry import sample_textures
 from umr.renderer import SoftRenderer, face_pixel_centers
+from umr.visuals import PART_COLOURS, template_views
 
 umr_flags.define_test_flags()
 umr_flags.define_min_part_share()
@@ -61,7 +62,6 @@ flags.DEFINE_enum("uv_source", "flow", ["flow", "render"],
                   "no trained texture flow, only the shape and camera, which stage 1 learns first.")
 FLAGS = flags.FLAGS
 
-PART_COLOURS = np.array([[0.8, 0.8, 0.8], [0.9, 0.24, 0.24], [0.94, 0.78, 0.16], [0.24, 0.55, 0.94], [0.31, 0.78, 0.35]])
 
 
 def uv_part_maps(part_prob: torch.Tensor, uv_image: torch.Tensor) -> torch.Tensor:
@@ -135,10 +135,9 @@ def main(_):
     ctx = D.setup(FLAGS.device)
     torch.manual_seed(0)
     out_dir = Path(FLAGS.out_dir)
-    state = read_state(FLAGS.model_path)
-    model = build_model(FLAGS, stage=1, pretrained=False, saved_flags=state.get("__flags__"))
-    load_original_checkpoint(model, state)
-    model.to(ctx.device)
+    model = load_trained_model(FLAGS, ctx.device)
+    if model.stage != 1:
+        raise DataError(f"--model_path {FLAGS.model_path} is a stage-{model.stage} model; avg_uv needs the stage-1 model")
     model.train(FLAGS.compat)  # the original left batch norm in train mode
     dataset = build_dataset(FLAGS, "train", use_scops=True, train=True)
     batch_size = FLAGS.batch_size
@@ -230,6 +229,8 @@ def main(_):
     tex = PART_COLOURS[per_sample].reshape(len(face_labels), FLAGS.tex_size, FLAGS.tex_size, 3)
     save_obj(out_dir / "mean_template.obj", verts, model.mesh.faces, face_textures=tex)
     save_obj(out_dir / "vertex_label.obj", verts, model.mesh.faces, vertex_colors=PART_COLOURS[vertex_labels])
+    views = SoftRenderer(4 * FLAGS.img_size, background_color=(1.0, 1.0, 1.0), facing_normals=True)
+    Image.fromarray(template_views(verts, model.faces.cpu(), face_labels, views)).save(out_dir / "template.png")
     parts = {p: np.flatnonzero(vertex_labels == i) for i, p in enumerate(PART_NAMES, start=1)}
     # a template the semantic losses cannot use is refused before stage 2 could read it
     counts = check_part_vertices(parts, len(vertex_labels), FLAGS.min_part_share,

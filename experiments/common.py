@@ -114,27 +114,18 @@ def build_validator(flags, device) -> "Validator | None":
 ARCHITECTURE_FLAGS = ("nz_feat", "z_dim", "num_hypo_cams", "tex_size", "subdivide", "axis", "uv_height", "uv_channels")
 
 
-def build_model(flags, stage: int, mean_shape=None, pretrained=None, saved_flags=None) -> MeshNet:
-    """The network of the flags; ``saved_flags`` (a checkpoint's training flags) override the
-    architecture flags, so a checkpoint is rebuilt as it was trained."""
+def build_model(flags, stage: int, mean_shape=None) -> MeshNet:
+    """The network to train, from the flags."""
     arch = {k: getattr(flags, k) for k in ARCHITECTURE_FLAGS}
-    arch.update({k: v for k, v in (saved_flags or {}).items() if k in ARCHITECTURE_FLAGS})
     return MeshNet(
         stage=stage,
         img_size=flags.img_size,
-        nz_feat=arch["nz_feat"],
-        z_dim=arch["z_dim"],
-        num_hypo_cams=arch["num_hypo_cams"],
-        tex_size=arch["tex_size"],
-        subdivide=arch["subdivide"],
-        axis=arch["axis"],
-        pretrained_encoder=flags.pretrained_encoder if pretrained is None else pretrained,
+        **arch,
+        pretrained_encoder=flags.pretrained_encoder,
         mean_shape=mean_shape,
         compat=flags.compat,
-        logvar_init=getattr(flags, "logvar_init", None),
+        logvar_init=flags.logvar_init,
         side_view_init=getattr(flags, "side_view_init", False),
-        uv_height=arch["uv_height"] or None,
-        uv_channels=arch["uv_channels"],
     )
 
 
@@ -156,12 +147,22 @@ def init_from_checkpoint(model: MeshNet, path, parts=("encoder", "texture_predic
     return list(parts)
 
 
-def load_trained_model(flags, device) -> MeshNet:
-    """The stage-1 or stage-2 model of ``--model_path`` (ours or the original's), in eval mode."""
-    state = read_state(flags.model_path)
-    model = build_model(flags, stage=checkpoint_stage(state), pretrained=False, saved_flags=state.get("__flags__"))
+def load_model(model_path, img_size: int, device, compat: bool = False, arch=None) -> MeshNet:
+    """The stage-1 or stage-2 model of a checkpoint (ours or the original's), in eval mode. The
+    architecture comes from the checkpoint's training flags where it has them (ours), else
+    from ``arch`` ({architecture flag: value}) or MeshNet's defaults."""
+    state = read_state(model_path)
+    saved = {k: v for k, v in (state.get("__flags__") or {}).items() if k in ARCHITECTURE_FLAGS}
+    kwargs = {**(arch or {}), **saved}
+    model = MeshNet(stage=checkpoint_stage(state), img_size=img_size, pretrained_encoder=False, compat=compat, **kwargs)
     load_original_checkpoint(model, state)
     return model.to(device).eval()
+
+
+def load_trained_model(flags, device) -> MeshNet:
+    """The model of ``--model_path`` (see :func:`load_model`)."""
+    return load_model(flags.model_path, flags.img_size, device, flags.compat,
+                      {k: getattr(flags, k) for k in ARCHITECTURE_FLAGS})
 
 
 class Predictor:

@@ -280,3 +280,39 @@ def test_truth_template_is_what_a_good_semantic_template_looks_like(synth, tmp_p
     for k, part in enumerate(PART_NAMES, start=1):
         truth[template.vertices[part].numpy()] = k
     assert (vertex_labels == truth).mean() > 0.9
+
+
+def test_avg_uv_render_source_reads_each_face_its_own_part(synth, tmp_path):
+    """avg_uv --uv_source render: part maps that are the template's own parts rendered at a
+    side view, read back through the same mesh and camera, give every visible face (or its
+    mirror twin) its own part, and most of the half template is seen."""
+    from experiments.avg_uv import sample_part_maps
+    from umr.losses import PART_NAMES, SemanticTemplate
+    from umr.nets import MeshNet, camera_biases
+    from umr.renderer import SoftRenderer
+
+    synth_birds.truth_template(synth / "gt" / "train.npz", tmp_path, smoothing=10)
+    template = SemanticTemplate(tmp_path)
+    model = MeshNet(stage=1, img_size=64, pretrained_encoder=False, mean_shape=template.mean_v)
+    verts, faces, mesh = model.get_mean_shape().detach()[None], model.faces, model.mesh
+    vertex_labels = torch.zeros(len(verts[0]), dtype=torch.long)
+    for k, part in enumerate(PART_NAMES, start=1):
+        vertex_labels[template.vertices[part]] = k
+    face_labels = torch.mode(vertex_labels[faces], dim=1).values  # (F,)
+    cam = torch.cat([torch.tensor([0.8, 0.0, 0.0]), camera_biases(1)[0]])[None]
+    reader = SoftRenderer(64).ambient_light_only()
+    one_hot = torch.nn.functional.one_hot(face_labels, 5).float()  # (F, 5)
+    channels = []
+    for group in ((1, 2, 3), (4, 0, 0)):
+        colours = one_hot[:, list(group)][None, :, None, None, :].expand(1, -1, 6, 6, 3).contiguous()
+        channels.append(reader(verts, faces, cam, colours).image)
+    alpha = channels[0][:, 3:]
+    part_prob = torch.cat([1 - alpha, channels[0][:, :3], channels[1][:, :1]], 1)  # (1, 5, S, S)
+    total, weight = sample_part_maps(part_prob, verts, cam, faces, mesh, reader, 6)
+    assert total[:, 0].abs().max() == 0  # only the four parts are read
+    per_face_weight = weight[0, 0].sum(1)  # (F_half,)
+    read = total[0, 1:].sum(2).argmax(0) + 1  # (F_half,)
+    half_labels = face_labels[: mesh.num_half_faces]
+    seen = per_face_weight > 0.5
+    assert seen.float().mean() > 0.7
+    assert (read[seen] == half_labels[seen]).float().mean() > 0.9

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -199,3 +200,25 @@ def test_demo_writes_every_file(synth, tmp_path):
     result = run("experiments.demo", f"--model_path={checkpoint}", f"--img_path={tmp_path / 'none.jpg'}",
                  f"--out_path={tmp_path}", "--img_size=64", "--image_size=64", check=False)
     assert result.returncode == 2 and "--img_path" in result.stderr
+
+
+def test_reconstruction_rows_and_template_views():
+    from umr.nets import MeshNet
+    from umr.renderer import SoftRenderer
+    from umr.visuals import reconstruction_rows, template_views, to_uint8
+
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=64, pretrained_encoder=False).train()
+    images = torch.rand(2, 3, 64, 64)
+    renderer = SoftRenderer(64, background_color=(1.0, 1.0, 1.0), facing_normals=True)
+    rows = reconstruction_rows(model, images, renderer)
+    assert rows.shape == (128, 6 * 64, 3) and rows.dtype == np.uint8
+    np.testing.assert_array_equal(rows[64:, :64], to_uint8(images[1]))  # first tile: the input
+    assert model.training  # its mode is restored
+    verts, faces = model.get_mean_shape().detach(), model.faces
+    belly = template_views(verts, faces, np.full(len(faces), 4), renderer).astype(int)
+    assert belly.shape == (64, 4 * 64, 3)
+    drawn = (belly != 255).any(-1)
+    assert drawn.mean() > 0.2  # every view shows the mesh
+    r, g, b = (belly[..., k][drawn] for k in range(3))
+    assert ((g > r) & (g > b)).mean() > 0.9  # belly green (PART_COLOURS[4])

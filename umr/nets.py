@@ -329,7 +329,7 @@ class TexturePredictorUV(nn.Module):
 
     The UV sampler (num_half_faces, T*T, 2) is a buffer independent of the batch size; left
     faces reuse their right twins' flow (same image locations, §5.5). ``uv_height`` (a power of
-    two ≥ 8; None: from the face count, 128 for UMR's mesh) and ``channels`` (of the decoder's
+    two ≥ 8; None or 0: from the face count, 128 for UMR's mesh) and ``channels`` (of the decoder's
     first 4 x 8 feature map; 256 in UMR) size the network: a 32-row UV image is plenty for 64-px
     images and takes a fraction of the time.
     """
@@ -395,7 +395,7 @@ class MeshNet(nn.Module):
         uv_channels: int = 256,
     ):
         """``uv_height``, ``uv_channels``: size of the texture-flow network
-        (:class:`TexturePredictorUV`; None and 256: UMR's). ``logvar_init``: initial bias of the
+        (:class:`TexturePredictorUV`; None or 0, and 256: UMR's). ``logvar_init``: initial bias of the
         latent log-variance head (None: PyTorch's default init, as the original, where the
         injected noise starts with unit variance and outweighs the image's code);
         ``side_view_init``: stage 1's camera starts at the side view (see

@@ -8,10 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from umr.geometry import sample_textures
+from umr.geometry import rotate_cam, sample_textures
 from umr.renderer import SoftRenderer
 
-__all__ = ["flow_to_rgb", "training_grid", "to_uint8", "read_log", "plot_curves"]
+__all__ = ["PART_COLOURS", "flow_to_rgb", "training_grid", "to_uint8", "read_log", "plot_curves", "reconstruction_rows",
+           "template_views"]
+
+# Colours of the SCOPS channels in every picture: background, head, neck, back, belly.
+PART_COLOURS = np.array([[0.85, 0.85, 0.85], [0.9, 0.24, 0.24], [0.94, 0.78, 0.16], [0.24, 0.55, 0.94],
+                         [0.31, 0.78, 0.35]])
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -125,3 +130,43 @@ def plot_curves(log_path, out_path, title: str = "", smooth: int = 5) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(out_path)
+
+
+@torch.no_grad()
+def reconstruction_rows(model, images: torch.Tensor, renderer: SoftRenderer, angles=(90, 180, 270)) -> np.ndarray:
+    """One row per image (N, 3, S, S): [input | render at the predicted camera | overlay on the
+    input | the textured mesh turned about the image's vertical axis by each of ``angles``]. The
+    model runs in eval mode (its mode is restored); ``renderer``: S pixels, white background."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(images)
+    finally:
+        model.train(was_training)
+    textures = sample_textures(out["tex_flow"], images)
+    render = renderer(out["verts"], model.faces, out["cam"], textures).image
+    turned = [renderer(out["verts"], model.faces, rotate_cam(out["cam"], images.new_full((len(images),), float(a))),
+                       textures).image for a in angles]
+    rows = []
+    for b in range(len(images)):
+        alpha = render[b, 3:].clamp(0, 1)
+        tiles = [images[b], render[b, :3], render[b, :3] * alpha + images[b] * (1 - alpha)] + [t[b, :3] for t in turned]
+        rows.append(np.concatenate([to_uint8(t) for t in tiles], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+@torch.no_grad()
+def template_views(verts: torch.Tensor, faces: torch.Tensor, face_labels, renderer: SoftRenderer,
+                   scale: float = 0.8) -> np.ndarray:
+    """The template (V, 3) with its faces coloured by part label (F,) (:data:`PART_COLOURS`),
+    seen from the side (the first camera hypothesis' view), from 45 degrees, from the front and
+    from above, in a row."""
+    from umr.nets import camera_biases
+
+    side = camera_biases(1)[0]
+    cam = torch.cat([verts.new_tensor([scale, 0.0, 0.0]), side.to(verts)])[None]
+    colours = torch.as_tensor(PART_COLOURS[np.asarray(face_labels)], dtype=verts.dtype)[None, :, None, None, :]
+    views = [cam, rotate_cam(cam, verts.new_tensor([45.0])), rotate_cam(cam, verts.new_tensor([90.0])),
+             rotate_cam(cam, verts.new_tensor([90.0]), (1.0, 0.0, 0.0))]
+    tiles = [renderer(verts[None], faces, view, colours).image[0, :3] for view in views]
+    return np.concatenate([to_uint8(t) for t in tiles], axis=1)
