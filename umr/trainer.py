@@ -469,7 +469,7 @@ def make_template_update(freq: int, compat: bool = False) -> Callable:
         with torch.no_grad():
             for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
                               disable=not trainer.ctx.is_main):
-                batch = _to_device(batch, device, trainer.dtype)
+                batch = _to_device(batch, device, model.mean_v.dtype)
                 out = model(batch["img"], batch["eps_z"], batch["u_cam"])
                 total += (out["noise"] if compat else out["delta_v"]).double().sum(0)
                 count += len(out["noise"])
