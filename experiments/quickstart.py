@@ -13,14 +13,21 @@ resumed, so running the same command again continues where it stopped.
 
 The recipes differ from the original's CUB settings (which stay the scripts' defaults) where a
 CPU budget needs it: 64-px images; the encoder from scratch and an L1 texture loss (no
-ImageNet weights offline); learning rate 1e-3 instead of 1e-4 (the original ran ~180k
-iterations per stage, a CPU run a few hundred to a few thousand); a 32 x 64 UV flow image from
+ImageNet weights offline); stage 1's learning rate 1e-3 instead of 1e-4 (the original ran ~180k
+iterations per stage, a CPU run a few hundred to a few thousand; stage 2, which starts from
+stage 1, keeps 1e-4: at 1e-3 its meshes tear and its IoU falls below stage 1's); a 32 x 64 UV flow image from
 a slimmer decoder (plenty for 64-px images, ~2.5x faster stage-1 steps); a 20x texture-cycle
 weight, so the texture flow learns where faces are in minutes (the original relied on the
 perceptual loss over days); the latent noise starting small (``--logvar_init``); the stage-1
-camera starting at the side view of the first stage-2 hypothesis (``--side_view_init``);
-template updates every few epochs of a few hundred images; and stage 2 starting its encoder
-and texture-flow network from stage 1 (``--init_from``) instead of from scratch.
+camera starting at the side view of the first stage-2 hypothesis (``--side_view_init``),
+with the orientation prior on for the first epoch (quick, as the original) or all of stage 1
+(long: after a thousand iterations without it, stage 2 collapsed to front views); a tenth of
+the stage-1 deformation prior's weight (0.5: at 5, once it switches on, it pulls every shape
+back to the template, and validation IoU fell from 0.72 to 0.59); template updates every few
+epochs of a few hundred images; the semantic template read through stage 1's meshes and
+cameras (``avg_uv --uv_source render``), since its texture flow is still rough after minutes;
+and stage 2 starting its encoder and texture-flow network from stage 1 (``--init_from``)
+instead of from scratch.
 """
 import json
 import subprocess
@@ -37,10 +44,10 @@ from data.cub import CUBDataset
 
 # name: (data, stage 1, stage 2, evaluation) sizes
 RECIPES = {
-    "quick": dict(num_train=640, num_val=50, num_test=100, s1_epochs=6, template_every=2, s1_batch=16,
-                  s2_iters=200, s2_batch=8, number_pairs=200),
-    "long": dict(num_train=3000, num_val=100, num_test=200, s1_epochs=6, template_every=2, s1_batch=16,
-                 s2_iters=6000, s2_batch=8, number_pairs=1000),
+    "quick": dict(num_train=640, num_val=50, num_test=100, s1_epochs=6, ori_epochs=1, template_every=2, s1_batch=16,
+                  s2_iters=300, s2_batch=8, number_pairs=200),
+    "long": dict(num_train=3000, num_val=100, num_test=200, s1_epochs=4, ori_epochs=4, template_every=2, s1_batch=16,
+                 s2_iters=3000, s2_batch=8, number_pairs=1000),
 }
 
 flags.DEFINE_enum("recipe", "quick", list(RECIPES), "quick: ~10 minutes on a 2-core CPU; long: hours, resumable.")
@@ -77,6 +84,20 @@ def training_state(run_dir: Path):
     return "done" if state.get("finished") else "partial"
 
 
+def draw_reconstructions(model_path: Path, dataset, size: int, path: Path, count: int = 8) -> None:
+    """The first ``count`` test photos, one row each: input, render at the predicted camera,
+    overlay, and the textured mesh turned by 90, 180 and 270 degrees."""
+    from experiments.common import load_model
+    from umr.renderer import SoftRenderer
+    from umr.visuals import reconstruction_rows
+
+    model = load_model(model_path, size, torch.device("cpu"))
+    images = torch.stack([torch.from_numpy(dataset[i]["img"]) for i in range(min(count, len(dataset)))])
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    renderer = SoftRenderer(size, background_color=(1.0, 1.0, 1.0), facing_normals=True)
+    Image.fromarray(reconstruction_rows(model, images, renderer)).resize((6 * 128, len(images) * 128)).save(path)
+
+
 def main(_):
     start = time.time()
     recipe = dict(RECIPES[FLAGS.recipe])
@@ -93,9 +114,9 @@ def main(_):
     net_flags = ["--uv_height=32", "--uv_channels=64"]
     long = FLAGS.recipe == "long"
     train_flags = [*data_flags, *net_flags, f"--checkpoint_dir={snapshots}", f"--vis_dir={visuals}",
-                   "--nopretrained_encoder", "--texture_loss=l1", "--learning_rate=1e-3", "--tex_cycle_loss_wt=10",
+                   "--nopretrained_encoder", "--texture_loss=l1", "--tex_cycle_loss_wt=10",
                    "--logvar_init=-6", f"--save_latest_freq={250 if long else 0}",
-                   f"--display_freq={500 if long else 50}", f"--val_freq={250 if long else 50}"]
+                   f"--display_freq={500 if long else 50}", f"--val_freq={250 if long else 100}"]
     times = {}
     if (data / "README.txt").is_file():
         print(f"quickstart: reusing the synthetic set in {data}")
@@ -115,7 +136,7 @@ def main(_):
     s1_name, s2_name = f"{FLAGS.recipe}_s1", f"{FLAGS.recipe}_s2"
     train("stage 1", "experiments.train_s1", s1_name, f"--batch_size={recipe['s1_batch']}",
           f"--num_epochs={recipe['s1_epochs']}", f"--update_template_freq={recipe['template_every']}",
-          "--stop_ori_epoch=1", "--side_view_init")
+          f"--stop_ori_epoch={recipe['ori_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3")
     s1 = snapshots / s1_name
     stemp = s1 / "semantic_template"
     if (stemp / "mean_v.pth").is_file() and (stemp / "vertices_idx" / "back_vertices.npy").is_file():
@@ -126,7 +147,7 @@ def main(_):
                               f"--out_dir={stemp}", "--batch_size=16", "--texture_loss=l1", "--uv_source=render")
     train("stage 2", "experiments.train_s2", s2_name, f"--scops_path={data / 'scops'}", f"--stemp_path={stemp}",
           f"--batch_size={recipe['s2_batch']}", "--num_epochs=100000", f"--num_iter={recipe['s2_iters']}",
-          f"--init_from={s1 / 'pred_net_latest.pth'}")
+          f"--init_from={s1 / 'pred_net_latest.pth'}", "--learning_rate=1e-4")
     model = snapshots / s2_name / "pred_net_latest.pth"
     eval_flags = [*data_flags, f"--model_path={model}", "--split=test", "--batch_size=16"]
     times["test_iou"] = run("mask IoU", "experiments.test_iou", *eval_flags)
@@ -143,6 +164,8 @@ def main(_):
 
     results = {name: json.loads((model.parent / f"{name}.json").read_text())
                for name in ("test_iou", "test_kp_flow", "test_kp_cam", "test_3d")}
+    pictures = out / "reconstructions.png"
+    draw_reconstructions(model, test_set, size, pictures)
     print(f"\n=== quickstart ({FLAGS.recipe}) done in {(time.time() - start) / 60:.1f} minutes "
           f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items())})")
     print(f"synthetic data:       {data} (preview: {data / 'preview.png'})")
@@ -154,6 +177,8 @@ def main(_):
           f"cam {results['test_kp_cam']['PCK.1']:.3f}; rotation error {results['test_3d']['rotation_error_deg_median']:.1f}° "
           f"(median); Chamfer-L2 {results['test_3d']['chamfer_l2']:.4f}, F-score {results['test_3d']['fscore']:.3f}")
     print(f"demo:                 {out / 'demo'} (mesh.obj, render.png, overlay.png, turntable.gif, camera.json)")
+    print(f"pictures:             {pictures} (test photos: input, render, overlay, turned by 90/180/270 degrees); "
+          f"{stemp / 'template.png'} (the template's parts)")
     print(f"live view:            tensorboard --logdir {snapshots}")
 
 
