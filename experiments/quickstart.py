@@ -1,7 +1,7 @@
 """The whole pipeline on built-in synthetic birds, sized for a CPU:
 
-    python -m experiments.quickstart                   # ~10 minutes on 2 cores
-    python -m experiments.quickstart --recipe long     # the long CPU recipe (hours; run it again to resume)
+    python -m experiments.quickstart                   # ~7 minutes on 2 cores
+    python -m experiments.quickstart --recipe long     # the long CPU recipe (about an hour; run it again to resume)
 
 1. generate a synthetic bird set (CUB + CMR-cache + SCOPS layout, with 3-D truth),
 2. train_s1 (template from a sphere), 3. avg_uv (semantic template), 4. train_s2 (full model),
@@ -50,7 +50,7 @@ RECIPES = {
                  s2_iters=3000, s2_batch=8, number_pairs=1000),
 }
 
-flags.DEFINE_enum("recipe", "quick", list(RECIPES), "quick: ~10 minutes on a 2-core CPU; long: hours, resumable.")
+flags.DEFINE_enum("recipe", "quick", list(RECIPES), "quick: ~7 minutes on a 2-core CPU; long: about an hour (3,000 photos, bird-shaped results), resumable.")
 flags.DEFINE_string("out", None, "Everything goes under this directory (default cachedir/<recipe>).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic data set.")
 flags.DEFINE_integer("img_size", 64, "Image and render size (a multiple of 64).")
