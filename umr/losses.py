@@ -215,7 +215,8 @@ def check_part_vertices(part_vertices: dict, num_vertices: int, min_share: float
             f"semantic template {source}: part(s) with too few of the {num_vertices} template vertices ({listed}; "
             f"all parts: {counts}; at least {min_share:.0%} each is expected). The semantic losses would not see "
             "these parts. The stage-1 model's texture flow is probably not trained enough yet (train stage 1 "
-            "longer), or the SCOPS maps lack the part (check --scops_path); --min_part_share 0 accepts it anyway."
+            "longer, or run avg_uv --uv_source render, which reads the parts through the mesh and camera "
+            "instead), or the SCOPS maps lack the part (check --scops_path); --min_part_share 0 accepts it anyway."
         )
     return counts
 
