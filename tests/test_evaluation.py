@@ -55,6 +55,35 @@ def test_keypoint_heatmaps():
     assert heat[0, 1].max() > 0 and heat[0, 1, :, 40:].sum() == 0
 
 
+def _paste_heatmap(px: float, py: float, size: int, sigma: float) -> np.ndarray:
+    """The original's paste, written out: a (6σ+1)² Gaussian patch from int(p - 3σ) to
+    int(p + 3σ + 1) per axis (each truncated on its own), clipped to the image."""
+    r = int(3 * sigma)
+    n = 2 * r + 1
+    g = np.exp(-((np.arange(n)[:, None] - r) ** 2 + (np.arange(n)[None, :] - r) ** 2) / (2 * sigma**2))
+    canvas = np.zeros((size, size))
+    x0, y0, x1, y1 = int(px - r), int(py - r), int(px + r + 1), int(py + r + 1)
+    gx, gy = (max(0, -x0), min(x1, size) - x0), (max(0, -y0), min(y1, size) - y0)
+    ix, iy = (max(0, x0), min(x1, size)), (max(0, y0), min(y1, size))
+    canvas[iy[0]:iy[1], ix[0]:ix[1]] = g[gy[0]:gy[1], gx[0]:gx[1]]
+    return canvas
+
+
+def test_keypoint_heatmaps_match_the_original_paste_at_the_borders():
+    size, sigma = 64, 3.0
+    rng = np.random.default_rng(0)
+    pix = np.concatenate([rng.uniform(-3, 12, (40, 2)), rng.uniform(0, size, (20, 2)), [[2.5, 4.5], [5.5, 60.2]]])
+    kp = torch.from_numpy(pix * 2 / size - 1)[None]
+    heat = E.keypoint_heatmaps(kp, size, sigma).numpy()[0]
+    for k, (px, py) in enumerate((kp[0].numpy() + 1) / 2 * size):
+        np.testing.assert_allclose(heat[k], _paste_heatmap(px, py, size, sigma), atol=1e-12)
+    # x = 2.5: corner int(-6.5) = -6, end int(12.5) = 12: peak in column 3, column 12 (d = 9) unpainted;
+    # y = 4.5: corner -4, end 14: peak in row 5, row 14 (d = 9) unpainted
+    assert heat[60, 5, 3] == 1
+    assert heat[60, 5, 11] > 0 and heat[60, 5, 12] == 0
+    assert heat[60, 13, 3] > 0 and heat[60, 14, 3] == 0
+
+
 def test_transfers_on_hand_examples():
     # two faces: A samples the left of the source, B the right; their targets are swapped
     flow_src = torch.tensor([-0.5, 0.0]).expand(1, 1, 2, 2, 2).clone()

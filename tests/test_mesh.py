@@ -125,6 +125,22 @@ def test_uv_sampler(template):
     assert M.uv_image_size(656, 6) == (128, 256)
 
 
+def test_uv_sampler_puts_the_seam_at_u_plus_one(template):
+    """Samples exactly on the seam (y = 0, x < 0) read the last UV column (u = +1, φ ∈ (−π, π]),
+    as the original's (α (v0 − v2) + β (v1 − v2)) + v2 gives; the equal α v0 + β v1 + (1 − α − β) v2
+    rounds y to −6e-18 at face 0 sample 13 and faces 325 / 341 sample 25 (u = −1)."""
+    faces = template.faces[: template.num_half_faces]
+    uv = M.compute_uv_sampler(template.verts, faces, tex_size=6).reshape(656, 36, 2)
+    for f, s in [(0, 13), (325, 25), (341, 25)]:
+        assert uv[f, s, 0] == 1.0
+    i, j = np.divmod(np.arange(36), 6)
+    a, b = i / 5, j / 5
+    v0, v1, v2 = (template.verts[faces[:, k]][:, None, :] for k in range(3))
+    points = a[None, :, None] * v0 + b[None, :, None] * v1 + (1 - a - b)[None, :, None] * v2
+    on_seam = (np.abs(points[..., 1]) < 1e-12) & (points[..., 0] < 0)
+    assert on_seam.sum() > 100 and (uv[on_seam][:, 0] == 1.0).all()
+
+
 def _grid_mesh(n=5):
     ys, xs = np.mgrid[0:n, 0:n]
     verts = np.stack([xs.ravel(), ys.ravel(), np.zeros(n * n)], axis=1).astype(np.float64)

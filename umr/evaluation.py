@@ -41,19 +41,25 @@ __all__ = [
 def keypoint_heatmaps(kp: torch.Tensor, size: int, sigma: float = 3.0) -> torch.Tensor:
     """Unnormalised Gaussian heat maps (N, K, size, size) of keypoints (N, K, 2) in [-1, 1].
 
-    As the original: a (6σ+1)² patch, peak 1, pasted with its top-left corner at
-    ``int(p − 3σ)`` of the pixel position ``p = (k + 1)/2 · size`` (truncation), clipped to the image.
+    As the original: a (6σ+1)² patch, peak 1, pasted per axis from ``int(p − 3σ)`` up to (not
+    including) ``int(p + 3σ + 1)`` of the pixel position ``p = (k + 1)/2 · size``, both truncated
+    towards zero on their own, clipped to the image. The peak lands at ``int(p − 3σ) + 3σ``;
+    where ``p − 3σ`` is negative and not whole the two truncations round in opposite directions
+    and the patch loses its last row (or column).
     """
     radius = int(3 * sigma)
     pix = (kp + 1) / 2 * size
     corner = torch.trunc(pix - radius)  # Python int() semantics
+    end = torch.trunc(pix + radius + 1)
     centre = corner + radius  # where the patch's peak lands
     coords = torch.arange(size, device=kp.device, dtype=kp.dtype)
-    dx = coords[None, None, :] - centre[..., 0:1]  # (N, K, W)
-    dy = coords[None, None, :] - centre[..., 1:2]  # (N, K, H)
-    gx = torch.exp(-dx**2 / (2 * sigma**2)) * (dx.abs() <= radius)
-    gy = torch.exp(-dy**2 / (2 * sigma**2)) * (dy.abs() <= radius)
-    return gy[..., :, None] * gx[..., None, :]
+
+    def profile(axis):  # (N, K, size): the patch's row (or column) profile along one axis
+        d = coords - centre[..., axis : axis + 1]
+        inside = (d.abs() <= radius) & (coords < end[..., axis : axis + 1])
+        return torch.exp(-d**2 / (2 * sigma**2)) * inside
+
+    return profile(1)[..., :, None] * profile(0)[..., None, :]
 
 
 def identity_grid(size: int, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -255,10 +255,15 @@ def symmetric_template(subdivisions: int = 3, axis: int = 1) -> SymmetricMesh:
 def compute_uv_sampler(verts: np.ndarray, faces: np.ndarray, tex_size: int = 6) -> np.ndarray:
     """Spherical UV coordinates of T x T sample points per face.
 
-    Sample ``(i, j)`` of face (v0, v1, v2) is ``X = α v0 + β v1 + (1 − α − β) v2`` with
+    Sample ``(i, j)`` of face (v0, v1, v2) is ``X = (α (v0 − v2) + β (v1 − v2)) + v2`` with
     ``α = i/(T−1)``, ``β = j/(T−1)`` (points with α + β > 1 lie on the point-reflected copy of
     the triangle and are used anyway, as in the original). Then ``u = atan2(X_y, X_x)/π``
     (UV-image column) and ``v = 2·arccos(X_z/|X|)/π − 1`` (UV-image row), both in [-1, 1].
+
+    The sum is formed in that order, as the original does: every sample on the seam (y = 0,
+    x < 0) then has y exactly 0 and u = +1 (φ ∈ (−π, π]). The algebraically equal
+    ``α v0 + β v1 + (1 − α − β) v2`` rounds y to about −6e-18 at three samples (faces 0, 325,
+    341), which gives u = −1 there: the other border of the UV image.
 
     Args:
         verts: (V, 3), normally the unit-sphere template.
@@ -269,7 +274,7 @@ def compute_uv_sampler(verts: np.ndarray, faces: np.ndarray, tex_size: int = 6) 
     weights = np.arange(tex_size) / (tex_size - 1)
     alpha, beta = np.meshgrid(weights, weights, indexing="ij")  # i (alpha) is the slow index
     v0, v1, v2 = (verts[faces[:, k]][:, None, None, :] for k in range(3))
-    points = alpha[..., None] * v0 + beta[..., None] * v1 + (1 - alpha - beta)[..., None] * v2
+    points = (alpha[..., None] * (v0 - v2) + beta[..., None] * (v1 - v2)) + v2
     radius = np.linalg.norm(points, axis=-1)
     theta = np.arccos(np.clip(points[..., 2] / radius, -1.0, 1.0))
     phi = np.arctan2(points[..., 1], points[..., 0])
