@@ -23,7 +23,8 @@ A template with an empty or implausibly small part (``--min_part_share``) is ref
 pictures and ``semantic_prob.npy`` are written, ``vertices_idx/`` and ``mean_v.pth`` are not.
 
 By default the model runs in eval mode, the exemplar is scored against the image as it is, and
-λ = mean distance / mean deformation over the whole set. ``--compat`` restores the original:
+λ = mean distance / mean deformation over the whole set. The quirk ``q8_flipped_exemplar``
+(``--compat``) restores the original:
 train-mode batch norm, a "flipped" camera compared with the mirrored image (which only
 mirrors a mesh symmetric about x, not UMR's y: quirk Q8) and a λ per batch.
 """
@@ -39,11 +40,12 @@ from tqdm import tqdm
 
 from data.cub import DataError, make_loader
 from experiments import flags as umr_flags
-from experiments.common import build_dataset, check_sizes, load_trained_model, user_errors_exit
+from experiments.common import build_dataset, check_sizes, load_trained_model, resolve_checkpoint, user_errors_exit
 from umr import distributed as D
 from umr.losses import PART_NAMES, check_part_vertices, make_texture_distance
 from umr.mesh import uv_image_size
 from umr.obj_io import save_obj
+from umr.quirks import Quirks
 from umr.evaluation import oracle_texture_flow
 from umr.geometry import sample_textures
 from umr.renderer import SoftRenderer, face_pixel_centers
@@ -105,8 +107,19 @@ def samples_to_uv_image(values: torch.Tensor, sampler: torch.Tensor, size: tuple
 
 
 def flip_camera(cam: torch.Tensor) -> torch.Tensor:
-    """The original's "flipped" camera [s, −tx, ty, qw, qx, −qy, −qz] (Q8)."""
+    """The original's "flipped" camera [s, −tx, ty, qw, qx, −qy, −qz]: rotation F R F with
+    F = diag(−1, 1, 1), i.e. the x-mirrored mesh seen mirrored in the image."""
     return cam * cam.new_tensor([1, -1, 1, 1, 1, -1, -1])
+
+
+def exemplar_view(cam: torch.Tensor, target: torch.Tensor, flipped: bool) -> tuple:
+    """The camera (B, 7) to render at and the masked photo (B, 3, S, S) to compare with in the
+    exemplar search: as predicted and as photographed, or (``flipped``, quirk
+    ``q8_flipped_exemplar``) the original's "flipped" camera against the mirrored photo, which
+    mirrors the render only for a mesh symmetric about x (UMR's is symmetric about y)."""
+    if flipped:
+        return flip_camera(cam), target.flip(-1)
+    return cam, target
 
 
 def majority(labels: np.ndarray, num_labels: int) -> int:
@@ -131,14 +144,16 @@ def labels_from_uv(prob: torch.Tensor, model) -> tuple:
 
 @user_errors_exit
 def main(_):
+    checkpoint = resolve_checkpoint(FLAGS)
+    if checkpoint.stage != 1:
+        raise DataError(f"--model_path {FLAGS.model_path} is a stage-{checkpoint.stage} model; avg_uv needs the stage-1 model")
     check_sizes(FLAGS)
     ctx = D.setup(FLAGS.device)
     torch.manual_seed(0)
     out_dir = Path(FLAGS.out_dir)
-    model = load_trained_model(FLAGS, ctx.device)
-    if model.stage != 1:
-        raise DataError(f"--model_path {FLAGS.model_path} is a stage-{model.stage} model; avg_uv needs the stage-1 model")
-    model.train(FLAGS.compat)  # the original left batch norm in train mode
+    original = Quirks.from_flags(FLAGS).q8_flipped_exemplar
+    model = load_trained_model(FLAGS, ctx.device, checkpoint)
+    model.train(original)  # the original left batch norm in train mode
     dataset = build_dataset(FLAGS, "train", use_scops=True, train=True)
     batch_size = FLAGS.batch_size
     distance = make_texture_distance(FLAGS.texture_loss).to(ctx.device)
@@ -174,12 +189,11 @@ def main(_):
         for batch in batches(0, "avg_uv pass 1 (exemplar)"):
             out = model(batch["img"])
             img, mask = batch["img"], batch["mask"][:, None]
-            cam = flip_camera(out["cam"]) if FLAGS.compat else out["cam"]
+            cam, target = exemplar_view(out["cam"], img * mask, original)
             render = renderer(out["verts"], faces, cam).image
-            target = (img * mask).flip(-1) if FLAGS.compat else img * mask
             dist = distance(render[:, :3] * render[:, 3:], target)
             reg = ((out["verts"] - template) ** 2).sum((1, 2))
-            if FLAGS.compat:  # λ of this batch, keep the running best
+            if original:  # λ of this batch, keep the running best
                 score = dist + dist.mean() / reg.mean() * reg
                 b = int(score.argmin())
                 if score[b] < best_score:
@@ -191,7 +205,7 @@ def main(_):
     if not scores:
         print("error: avg_uv found no training images", file=sys.stderr)
         sys.exit(2)
-    if not FLAGS.compat:  # one λ for the whole set, then the exemplar's UV part map
+    if not original:  # one λ for the whole set, then the exemplar's UV part map
         dist, reg, inds = map(np.array, zip(*scores))
         lam = dist.mean() / max(reg.mean(), 1e-12)
         exemplar = int(inds[np.argmin(dist + lam * reg)])

@@ -13,12 +13,14 @@ import torch
 from data.cub import CUBDataset, DataError
 from data.synth_birds import canonical_camera
 from umr import distributed as D
+from umr.checkpoints import CheckpointError, ModelCheckpoint, load_weights, read_model_checkpoint
 from umr.evaluation import Validator, oracle_texture_flow, predict, with_render
 from umr.losses import SemanticTemplateError
-from umr.nets import MeshNet, PretrainedWeightsMissing, checkpoint_stage, load_original_checkpoint, read_state
+from umr.nets import MeshNet, PretrainedWeightsMissing
+from umr.quirks import Quirks
 from umr.renderer import SoftRenderer
 
-USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError, SemanticTemplateError)
+USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError, SemanticTemplateError, CheckpointError)
 
 
 def user_errors_exit(main):
@@ -43,12 +45,15 @@ def check_sizes(flags) -> None:
 
 
 def setup_evaluation(flags):
-    """Common start of the test scripts: checks the sizes, picks the device, fixes the seed.
-    Returns (distributed context, the unaugmented data set of ``--split``)."""
+    """Common start of the test scripts: reads the checkpoint (not with ``--oracle``) and takes
+    its architecture and image size into the flags, checks the sizes, picks the device, fixes
+    the seed. Returns (distributed context, the unaugmented data set of ``--split``, the
+    :class:`umr.checkpoints.ModelCheckpoint` or None)."""
+    checkpoint = None if flags.oracle else resolve_checkpoint(flags)
     check_sizes(flags)
     ctx = D.setup(flags.device)
     torch.manual_seed(0)
-    return ctx, build_dataset(flags, flags.split, use_scops=False, train=False)
+    return ctx, build_dataset(flags, flags.split, use_scops=False, train=False), checkpoint
 
 
 def run_training(script: str, trainer, dataset, ctx) -> None:
@@ -64,7 +69,7 @@ def run_training(script: str, trainer, dataset, ctx) -> None:
 
 def build_dataset(flags, split: str, use_scops: bool, train: bool = True) -> CUBDataset:
     """The CUB loader of the flags; ``train`` = the training split's augmentation (jitter and
-    mirroring; the test loaders use neither unless --compat, quirk Q13)."""
+    mirroring; the test loaders use neither, unless the quirk q13_shuffled_test_loaders)."""
     return CUBDataset(
         flags.cub_dir,
         flags.cub_cache_dir,
@@ -72,7 +77,7 @@ def build_dataset(flags, split: str, use_scops: bool, train: bool = True) -> CUB
         img_size=flags.img_size,
         padding_frac=flags.padding_frac,
         jitter_frac=flags.jitter_frac,
-        mirror=True if (train or flags.compat) else False,
+        mirror=True if (train or Quirks.from_flags(flags).q13_shuffled_test_loaders) else False,
         scops_path=flags.scops_path if use_scops else None,
         seed=flags.data_seed,
     )
@@ -123,7 +128,7 @@ def build_model(flags, stage: int, mean_shape=None) -> MeshNet:
         **arch,
         pretrained_encoder=flags.pretrained_encoder,
         mean_shape=mean_shape,
-        compat=flags.compat,
+        quirks=Quirks.from_flags(flags),
         logvar_init=flags.logvar_init,
         side_view_init=getattr(flags, "side_view_init", False),
     )
@@ -133,7 +138,7 @@ def init_from_checkpoint(model: MeshNet, path, parts=("encoder", "texture_predic
     """Copy the weights of ``parts`` (module names) from a checkpoint of another model, e.g. the
     encoder and texture-flow predictor of the stage-1 model into a new stage-2 model; returns
     the parts copied. The two models must agree on those parts' shapes (same --img_size, ...)."""
-    state = read_state(path)
+    state = read_model_checkpoint(path, "--init_from").state
     own = model.state_dict()
     copied = {}
     for part in parts:
@@ -147,22 +152,56 @@ def init_from_checkpoint(model: MeshNet, path, parts=("encoder", "texture_predic
     return list(parts)
 
 
-def load_model(model_path, img_size: int, device, compat: bool = False, arch=None) -> MeshNet:
-    """The stage-1 or stage-2 model of a checkpoint (ours or the original's), in eval mode. The
-    architecture comes from the checkpoint's training flags where it has them (ours), else
-    from ``arch`` ({architecture flag: value}) or MeshNet's defaults."""
-    state = read_state(model_path)
-    saved = {k: v for k, v in (state.get("__flags__") or {}).items() if k in ARCHITECTURE_FLAGS}
-    kwargs = {**(arch or {}), **saved}
-    model = MeshNet(stage=checkpoint_stage(state), img_size=img_size, pretrained_encoder=False, compat=compat, **kwargs)
-    load_original_checkpoint(model, state)
+def _given(flags, name: str) -> bool:
+    """Whether ``--name`` was given on the command line (absl flags; False for other objects)."""
+    try:
+        return bool(flags[name].present)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def resolve_checkpoint(flags) -> ModelCheckpoint:
+    """Read ``--model_path`` and make the flags agree with it: the architecture and image size
+    that it records replace the flags' defaults (``--img_size`` and ``--image_size`` both); a
+    flag given on the command line that contradicts it is an error naming both values. Says on
+    stdout what kind of checkpoint it is."""
+    checkpoint = read_model_checkpoint(flags.model_path)
+    for name, value in checkpoint.arch.items():
+        for flag in (name, "image_size") if name == "img_size" else (name,):
+            if not hasattr(flags, flag):
+                continue
+            if _given(flags, flag) and getattr(flags, flag) != value:
+                raise DataError(f"--{flag} {getattr(flags, flag)} contradicts --model_path {flags.model_path}, whose model "
+                                f"has {name} {value}; drop --{flag} (the checkpoint's value is used)")
+            setattr(flags, flag, value)
+    print(f"model: {checkpoint.describe()}")
+    return checkpoint
+
+
+def load_model(checkpoint, device, quirks: Quirks = Quirks(), arch=None) -> MeshNet:
+    """The stage-1 or stage-2 model of a checkpoint (a path or a
+    :class:`umr.checkpoints.ModelCheckpoint`; ours or the original's), in eval mode.
+
+    The architecture is the checkpoint's where it records one (ours), else ``arch``
+    ({MeshNet argument: value}, e.g. the flags') or MeshNet's defaults. The model quirks
+    (:data:`umr.quirks.MODEL_QUIRKS`) are the checkpoint's where it says (ours: as trained; the
+    original's: all on), the rest (e.g. the test-time choices of latent and camera) come from
+    ``quirks``.
+    """
+    if not isinstance(checkpoint, ModelCheckpoint):
+        checkpoint = read_model_checkpoint(checkpoint)
+    kwargs = {**(arch or {}), **checkpoint.arch, "stage": checkpoint.stage}
+    if checkpoint.model_quirks is not None:
+        quirks = quirks.with_model_quirks(checkpoint.model_quirks)
+    model = MeshNet(pretrained_encoder=False, quirks=quirks, **kwargs)
+    load_weights(model, checkpoint)
     return model.to(device).eval()
 
 
-def load_trained_model(flags, device) -> MeshNet:
-    """The model of ``--model_path`` (see :func:`load_model`)."""
-    return load_model(flags.model_path, flags.img_size, device, flags.compat,
-                      {k: getattr(flags, k) for k in ARCHITECTURE_FLAGS})
+def load_trained_model(flags, device, checkpoint=None) -> MeshNet:
+    """The model of ``--model_path`` (or of ``checkpoint``, already read; see :func:`load_model`)."""
+    arch = {k: getattr(flags, k) for k in ARCHITECTURE_FLAGS + ("img_size",)}
+    return load_model(checkpoint or flags.model_path, device, Quirks.from_flags(flags), arch)
 
 
 class Predictor:
@@ -175,18 +214,19 @@ class Predictor:
     and the render's z-buffer ``face_index`` and ``depth`` (B, 2S, 2S).
     """
 
-    def __init__(self, flags, device, split: str):
+    def __init__(self, flags, device, split: str, checkpoint: "ModelCheckpoint | None" = None):
         self.flags, self.device = flags, device
         self.renderer = SoftRenderer(flags.image_size).ambient_light_only().to(device)  # alpha and z-buffer only
         self.model = None
         if flags.oracle:
-            if flags.compat:
-                raise DataError("--oracle cannot be combined with --compat (mirrored test images have no truth)")
+            if Quirks.from_flags(flags).q13_shuffled_test_loaders:
+                raise DataError("--oracle cannot be combined with the quirk q13_shuffled_test_loaders (--compat): "
+                                "mirrored test images have no truth")
             gt = np.load(truth_path(flags, split))
             self.true_verts = torch.from_numpy(gt["verts"]).float()
             self.faces = torch.from_numpy(gt["faces"]).to(device)
         else:
-            self.model = load_trained_model(flags, device)
+            self.model = load_trained_model(flags, device, checkpoint)
             self.faces = self.model.faces
 
     @torch.no_grad()

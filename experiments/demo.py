@@ -25,7 +25,7 @@ from absl import app, flags
 from PIL import Image, UnidentifiedImageError
 
 from experiments import flags as F
-from experiments.common import check_sizes, load_trained_model, user_errors_exit
+from experiments.common import check_sizes, load_trained_model, resolve_checkpoint, user_errors_exit
 from umr import distributed as D
 from umr.geometry import rotate_cam, sample_textures
 from umr.obj_io import save_obj
@@ -60,13 +60,12 @@ def load_photo(path: Path, size: int) -> np.ndarray:
 
 @user_errors_exit
 def main(_):
+    checkpoint = resolve_checkpoint(FLAGS)
     check_sizes(FLAGS)
-    if not Path(FLAGS.model_path).is_file():
-        raise FileNotFoundError(f"model not found: {FLAGS.model_path} (check --model_path)")
     ctx = D.setup(FLAGS.device)
     size = FLAGS.img_size
     crop = load_photo(Path(FLAGS.img_path), size)
-    model = load_trained_model(FLAGS, ctx.device)
+    model = load_trained_model(FLAGS, ctx.device, checkpoint)
     img = torch.from_numpy(crop).permute(2, 0, 1)[None].to(ctx.device)
     with torch.no_grad():
         out = model(img)

@@ -11,6 +11,8 @@ import os
 
 from absl import flags
 
+from umr.quirks import QUIRK_NAMES
+
 FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, "cachedir")
@@ -27,6 +29,10 @@ def _once(fn):
 
     wrapper.__doc__ = fn.__doc__
     return wrapper
+
+
+def _known_quirks(names) -> bool:
+    return all(name in QUIRK_NAMES for name in names)
 
 
 @_once
@@ -63,8 +69,14 @@ def define_model_flags():
                          "Start the ResNet-18 encoder from ImageNet weights (torchvision's, from the local torch hub "
                          "cache); --nopretrained_encoder trains it from scratch (new flag).")
     flags.DEFINE_boolean("compat", False,
-                         "Reproduce the original code where it departs from the paper (see README: 'The original's "
-                         "quirks'); by default the paper's intent is followed (new flag).")
+                         "Reproduce the original code wherever it departs from the paper: turns every quirk of "
+                         "--quirks on (see README: 'The original's quirks'). By default the paper's intent is "
+                         "followed. A checkpoint's own model quirks win when a model is rebuilt from it.")
+    flags.DEFINE_list("quirks", [],
+                      "Quirks of the original code to reproduce, one by one (comma-separated): "
+                      + ", ".join(QUIRK_NAMES) + ". See README: 'The original's quirks'.")
+    flags.register_validator("quirks", _known_quirks,
+                             message="unknown quirk name; the quirks are: " + ", ".join(QUIRK_NAMES))
 
 
 @_once

@@ -80,8 +80,9 @@ def training_state(run_dir: Path):
     path = run_dir / "pred_net_latest.pth"
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return "done" if state.get("finished") else "partial"
+    from umr.checkpoints import load_file
+
+    return "done" if load_file(path, "the quick-start's checkpoint").get("finished") else "partial"
 
 
 def draw_reconstructions(model_path: Path, dataset, size: int, path: Path, count: int = 8) -> None:
@@ -91,7 +92,7 @@ def draw_reconstructions(model_path: Path, dataset, size: int, path: Path, count
     from umr.renderer import SoftRenderer
     from umr.visuals import reconstruction_rows
 
-    model = load_model(model_path, size, torch.device("cpu"))
+    model = load_model(model_path, torch.device("cpu"))
     images = torch.stack([torch.from_numpy(dataset[i]["img"]) for i in range(min(count, len(dataset)))])
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
     renderer = SoftRenderer(size, background_color=(1.0, 1.0, 1.0), facing_normals=True)

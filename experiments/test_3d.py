@@ -35,12 +35,11 @@ FLAGS = F.FLAGS
 
 @user_errors_exit
 def main(_):
-    ctx, dataset = setup_evaluation(FLAGS)
+    ctx, dataset, checkpoint = setup_evaluation(FLAGS)
     gt = np.load(truth_path(FLAGS, FLAGS.split))
     surfaces = torch.from_numpy(gt["surface_points"]).float()
-    if FLAGS.compat:
-        dataset.pipeline.mirror = False  # the truth is unmirrored
-    predict = Predictor(FLAGS, ctx.device, FLAGS.split)
+    dataset.pipeline.mirror = False  # the truth is unmirrored, whatever the loader quirk says
+    predict = Predictor(FLAGS, ctx.device, FLAGS.split, checkpoint)
     loader = make_loader(dataset, FLAGS.batch_size, shuffle=False, drop_last=False, num_workers=FLAGS.n_data_workers)
     rot_pred, rot_true, ious, chamfers, fscores = [], [], [], [], []
     for i, batch in enumerate(tqdm(loader, desc="test_3d")):

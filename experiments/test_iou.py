@@ -17,6 +17,7 @@ from data.cub import make_loader
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import mask_iou
+from umr.quirks import Quirks
 
 F.define_test_flags()
 FLAGS = F.FLAGS
@@ -24,9 +25,10 @@ FLAGS = F.FLAGS
 
 @user_errors_exit
 def main(_):
-    ctx, dataset = setup_evaluation(FLAGS)
-    predict = Predictor(FLAGS, ctx.device, FLAGS.split)
-    loader = make_loader(dataset, FLAGS.batch_size, shuffle=FLAGS.compat, drop_last=FLAGS.compat,
+    ctx, dataset, checkpoint = setup_evaluation(FLAGS)
+    predict = Predictor(FLAGS, ctx.device, FLAGS.split, checkpoint)
+    original_loader = Quirks.from_flags(FLAGS).q13_shuffled_test_loaders
+    loader = make_loader(dataset, FLAGS.batch_size, shuffle=original_loader, drop_last=original_loader,
                          num_workers=FLAGS.n_data_workers)
     ious = []
     for i, batch in enumerate(tqdm(loader, desc="test_iou")):

@@ -25,6 +25,7 @@ from data.cub import KeypointPairs, make_loader
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import PCKAccumulator, transfer_keypoints
+from umr.quirks import Quirks
 from umr.visuals import to_uint8
 
 F.define_test_flags()
@@ -47,10 +48,11 @@ def draw(image, kps, colour):
 
 @user_errors_exit
 def main(_):
-    ctx, dataset = setup_evaluation(FLAGS)
-    count = FLAGS.number_pairs + (1 if FLAGS.compat else 0)  # Q27: the original's loop ran one pair over
+    ctx, dataset, checkpoint = setup_evaluation(FLAGS)
+    quirks = Quirks.from_flags(FLAGS)
+    count = FLAGS.number_pairs + (1 if quirks.q27_extra_pair else 0)  # the original's loop ran one pair over
     pairs = KeypointPairs(dataset, count, seed=FLAGS.pair_seed)
-    predict = Predictor(FLAGS, ctx.device, FLAGS.split)
+    predict = Predictor(FLAGS, ctx.device, FLAGS.split, checkpoint)
     loader = make_loader(pairs, max(1, FLAGS.batch_size // 2), shuffle=False, drop_last=False,
                          num_workers=FLAGS.n_data_workers)
     pck = PCKAccumulator(padding_frac=FLAGS.padding_frac)
@@ -66,7 +68,7 @@ def main(_):
         for src, tgt in ((0, 1), (1, 0)):
             pred = transfer_keypoints({k: v[:, src] for k, v in out.items()}, {k: v[:, tgt] for k, v in out.items()},
                                       kp[:, src, :, :2], FLAGS.mode, FLAGS.img_size, FLAGS.sigma,
-                                      visible_only=not FLAGS.compat)
+                                      visible_only=not quirks.hidden_keypoints)
             pck.add(pred, kp[:, tgt], kp[:, src, :, 2])
             if FLAGS.visualize and src == 0:
                 vis_dir.mkdir(parents=True, exist_ok=True)

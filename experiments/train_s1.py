@@ -15,6 +15,7 @@ from experiments.common import build_dataset, build_model, build_validator, chec
 from umr import distributed as D
 from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage1Objective
+from umr.quirks import Quirks
 from umr.trainer import Trainer, TrainSettings, make_template_update, seed_everything
 
 F.define_train_flags(stage=1)
@@ -33,7 +34,7 @@ def main(_):
     objective = Stage1Objective(model, config, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
-                      end_of_epoch=make_template_update(FLAGS.update_template_freq, FLAGS.compat),
+                      end_of_epoch=make_template_update(FLAGS.update_template_freq, Quirks.from_flags(FLAGS).template_jump),
                       validate=build_validator(FLAGS, ctx.device))
     run_training("train_s1", trainer, dataset, ctx)
 

@@ -16,6 +16,7 @@ from umr import distributed as D
 from umr.losses import SemanticTemplate, check_part_vertices, face_sample_labels
 from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage2Objective
+from umr.quirks import Quirks
 from umr.trainer import Trainer, TrainSettings, seed_everything
 
 F.define_train_flags(stage=2)
@@ -35,7 +36,8 @@ def main(_):
         parts = init_from_checkpoint(model, FLAGS.init_from)
         if ctx.is_main:
             print(f"train_s2: {', '.join(parts)} initialised from {FLAGS.init_from}")
-    labels = face_sample_labels(template.seg, model.texture_predictor.uv_sampler, model.mesh, FLAGS.compat)
+    labels = face_sample_labels(template.seg, model.texture_predictor.uv_sampler, model.mesh,
+                                Quirks.from_flags(FLAGS).q10_rounded_labels)
     config = ObjectiveConfig.from_flags(FLAGS, stage=2)
     disc = Discriminator(FLAGS.grl_wt, 3, FLAGS.image_size) if FLAGS.use_gan else None
     objective = Stage2Objective(model, config, labels, template.vertices, disc)

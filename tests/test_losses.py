@@ -12,6 +12,7 @@ from umr import losses as L
 from umr.geometry import rotate_cam
 from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
+from umr.quirks import Quirks
 from umr.renderer import SoftRenderer, face_pixel_centers
 
 SIZE = 64
@@ -81,9 +82,22 @@ def test_texture_cycle_zero_when_flow_is_at_face_centres(birds):
     assert L.texture_cycle_loss(flow, centres, visible) < 1e-12
     shifted = L.texture_cycle_loss(flow + 0.1, centres, visible)
     torch.testing.assert_close(shifted, visible.sum() * 2 * 0.01 / (3 * F * 2))
-    # compat: the original's stage-2 target is zero and face F-1 always counts (Q1, Q9)
-    target, vis = L.cycle_target(out.face_index, F, None, compat=True, stage=2)
-    assert torch.all(target == 0) and torch.all(vis[:, -1])
+    target, vis = L.cycle_target(out.face_index, F, None, 2)
+    torch.testing.assert_close(target, centres)
+    assert torch.equal(vis, visible)
+    assert not vis[:, -1].all()  # face F-1 is hidden in some images
+    # q1: the original's stage-2 target is zero; q9: face F-1 counts wherever there is background
+    target, vis = L.cycle_target(out.face_index, F, None, 2, Quirks(q1_zero_cycle_target=True))
+    assert torch.all(target == 0) and torch.equal(vis, visible)
+    target, vis = L.cycle_target(out.face_index, F, None, 2, Quirks(q9_last_face_visible=True))
+    torch.testing.assert_close(target, centres)
+    assert torch.all(vis[:, -1]) and torch.equal(vis[:, :-1], visible[:, :-1])
+    # q2: stage 1 takes SoftRas' p2f (q1 does not touch stage 1)
+    p2f = torch.rand(3, F, 2)
+    target, _ = L.cycle_target(out.face_index, F, p2f, 1, Quirks(q2_softras_p2f=True))
+    assert torch.equal(target, p2f)
+    target, _ = L.cycle_target(out.face_index, F, p2f, 1, Quirks(q1_zero_cycle_target=True))
+    torch.testing.assert_close(target, centres)
 
 
 def test_texture_dt_loss(birds):
@@ -150,10 +164,21 @@ def test_face_sample_labels_nearest_vs_compat_rounding():
     seg = np.zeros((128, 256), dtype=np.uint8)
     seg[:, 128:] = 4  # labels 0 and 4 meet; bilinear + round invents 2 on the seam
     nearest = L.face_sample_labels(seg, sampler, mesh)
-    rounded = L.face_sample_labels(seg, sampler, mesh, compat=True)
+    rounded = L.face_sample_labels(seg, sampler, mesh, rounded=True)  # q10_rounded_labels
     assert set(nearest.unique().tolist()) == {0, 4}
     assert 2 in rounded.unique().tolist()
     assert nearest.shape == (1280, 36) and torch.equal(nearest[656:], nearest[32:656])
+
+
+def test_part_map_normalisation_epsilon():
+    prob = torch.rand(2, 5, 8, 8)
+    prob[1, 3] = 0  # part 3 absent from image 1
+    mask = torch.ones(2, 8, 8)
+    maps = L.normalise_part_maps(prob, mask)
+    assert torch.isfinite(maps).all() and torch.all(maps[1, 3] == 0)
+    torch.testing.assert_close(maps[0].flatten(1).max(1).values, torch.ones(5))
+    original = L.normalise_part_maps(prob, mask, no_epsilon=True)  # q17_no_epsilon
+    assert torch.isnan(original[1, 3]).all() and torch.equal(original[0], maps[0])
 
 
 def test_regulariser_gradients():
@@ -202,10 +227,10 @@ def test_perceptual_distance_without_weights_names_the_flag(tmp_path, monkeypatc
         L.make_texture_distance("perceptual")
 
 
-def texture_term_grads(stage, compat):
+def texture_term_grads(stage, quirks):
     torch.manual_seed(0)
-    model = MeshNet(stage=stage, img_size=SIZE, pretrained_encoder=False, compat=compat)
-    config = ObjectiveConfig.for_stage(stage, image_size=SIZE, texture_loss="l1", use_gan=False, compat=compat)
+    model = MeshNet(stage=stage, img_size=SIZE, pretrained_encoder=False, quirks=quirks)
+    config = ObjectiveConfig.for_stage(stage, image_size=SIZE, texture_loss="l1", use_gan=False, quirks=quirks)
     if stage == 1:
         objective = Stage1Objective(model, config)
     else:
@@ -233,10 +258,10 @@ def texture_term_grads(stage, compat):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_texture_losses_do_not_move_shape_or_camera(stage):
-    shape, cam, texture = texture_term_grads(stage, compat=False)
+    shape, cam, texture = texture_term_grads(stage, Quirks())
     assert shape == 0 and cam == 0 and texture > 0
-    # the original let the perceptual loss reach them through the undetached silhouette (Q4)
-    shape, cam, texture = texture_term_grads(stage, compat=True)
+    # the original let the perceptual loss reach them through the undetached silhouette (q4)
+    shape, cam, texture = texture_term_grads(stage, Quirks(q4_texture_moves_geometry=True))
     assert shape > 0 and cam > 0 and texture > 0
 
 

@@ -1,11 +1,11 @@
 """UMR's networks: shapes, symmetry, camera hypotheses, original checkpoints, GRL, discriminator."""
-import re
 
 import pytest
 import torch
 
 from umr import nets as N
 from umr.geometry import quat_geodesic_angle
+from umr.quirks import Quirks
 
 IMG = 64
 
@@ -75,23 +75,49 @@ def test_camera_hypotheses_at_init(stage2):
     assert angle.max() < 0.1
     torch.testing.assert_close(biases[0], torch.tensor([0.7071068, 0.7071068, 0, 0]))
     torch.testing.assert_close(biases[1], torch.tensor([0.6532815, 0.6532815, 0.2705981, -0.2705981]))
-    # compat: the biases are unused, so all start near the identity
-    compat = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, compat=True).eval()
-    quats = compat(torch.rand(4, 3, IMG, IMG))["cam_hypotheses"][..., 3:]
+    # q7: the biases are unused, so all start near the identity
+    original = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, quirks=Quirks(q7_biases_unused=True)).eval()
+    quats = original(torch.rand(4, 3, IMG, IMG))["cam_hypotheses"][..., 3:]
     assert quat_geodesic_angle(quats, torch.tensor([1.0, 0, 0, 0]).expand(4, 8, 4)).max() < 0.1
 
 
-def test_compat_samples_at_test_time():
-    torch.manual_seed(1)
-    model = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, compat=True).eval()
+def test_test_time_latent_and_camera_quirks():
     img = torch.rand(2, 3, IMG, IMG)
-    a, b = model(img), model(img)
-    assert not torch.equal(a["noise"], b["noise"])  # Q6: z sampled in eval mode
+
+    def two_runs(quirks):
+        torch.manual_seed(1)
+        model = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, quirks=quirks).eval()
+        with torch.no_grad():  # probabilities spread enough for sampling to pick others
+            for head in model.cam_predictor.camera_predictor:
+                head.prob_predictor.weight.normal_(0, 0.5)
+        runs = [model(img) for _ in range(12)]
+        return runs, all(torch.equal(r["noise"], runs[0]["noise"]) for r in runs), all(
+            torch.equal(r["cam_sample_inds"], runs[0]["cam_sample_inds"]) for r in runs)
+
+    runs, same_z, same_cam = two_runs(Quirks())
+    assert same_z and same_cam  # the mean latent and the most probable hypothesis
+    torch.testing.assert_close(runs[0]["noise"], runs[0]["mean"])
+    assert torch.equal(runs[0]["cam_sample_inds"][:, 0], runs[0]["cam_probs"].argmax(1))
+    _, same_z, same_cam = two_runs(Quirks(q6_sampled_latent=True))
+    assert not same_z and same_cam
+    _, same_z, same_cam = two_runs(Quirks(q12_sampled_camera=True))
+    assert same_z and not same_cam
 
 
-def test_stage1_shape_mlp_is_affine_only_in_compat():
+def test_centre_vertices_stay_on_the_symmetry_plane_unless_free():
+    img = torch.rand(2, 3, IMG, IMG)
+    for quirks, on_plane in ((Quirks(), True), (Quirks(free_centre_vertices=True), False)):
+        torch.manual_seed(0)
+        model = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, quirks=quirks).eval()
+        with torch.no_grad():
+            model.shape_predictor.pred_layer.bias.normal_(0, 0.1)
+            centre_y = model(img)["verts"][:, : model.mesh.num_indept, 1]
+        assert bool((centre_y.abs() < 1e-6).all()) == on_plane
+
+
+def test_stage1_shape_mlp_is_affine_only_with_the_quirk():
     z1, z2 = torch.randn(1, 350), torch.randn(1, 350)
-    compat = N.ShapeMLP(350, 337, compat=True)
+    compat = N.ShapeMLP(350, 337, linear=True)  # q5_linear_shape_mlp
     torch.testing.assert_close(compat(0.3 * z1 + 0.7 * z2), 0.3 * compat(z1) + 0.7 * compat(z2), atol=1e-5, rtol=1e-4)
     default = N.ShapeMLP(350, 337)
     assert not torch.allclose(default(0.3 * z1 + 0.7 * z2), 0.3 * default(z1) + 0.7 * default(z2), atol=1e-6)
@@ -99,10 +125,13 @@ def test_stage1_shape_mlp_is_affine_only_in_compat():
 
 def test_batchnorm1d_init():
     default = N.fc_stack(10, 10, 2)
-    compat = N.fc_stack(10, 10, 2, compat=True)
+    compat = N.fc_stack(10, 10, 2, uniform_bn=True)  # q14_uniform_bn_init
     assert torch.all(default[0][1].weight == 1)
     w = compat[0][1].weight
     assert torch.all((w >= 0) & (w <= 1)) and w.std() > 0.1  # U(0, 1), PyTorch 1.1's init
+    model = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False, quirks=Quirks(q14_uniform_bn_init=True))
+    assert model.encoder.enc_fc[0][1].weight.std() > 0.1
+    assert torch.all(N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False).encoder.enc_fc[0][1].weight == 1)
 
 
 def test_buffers_do_not_depend_on_batch_size(stage2):
@@ -113,58 +142,6 @@ def test_buffers_do_not_depend_on_batch_size(stage2):
         for batch in (1, 5):
             stage2(torch.rand(batch, 3, IMG, IMG))
             assert {name: tuple(b.shape) for name, b in stage2.named_buffers()} == shapes
-
-
-# The original's state-dict layout, as the spec lists it (§5.7).
-ORIGINAL_LAYOUT = [
-    r"mean_v", r"uv_sampler", r"cam_predictor\.cam_biases",
-    r"encoder\.resnet_conv\.resnet\..+",
-    r"encoder\.enc_conv1\.[01]\..+", r"encoder\.enc_fc\.[01]\.[01]\..+",
-    r"encoder\.(mean|logvar)_fc\.[02]\..+",
-    r"shape_predictor\.pred_layer\..+",
-    r"cam_predictor\.fc\.[01]\.0\..+",
-    r"cam_predictor\.(scale|trans|quat)_predictor\.pred_layer\..+", r"cam_predictor\.prob_predictor\..+",
-    r"cam_predictor\.camera_predictor\.[0-7]\.(fc_layer\.[01]\.[01]|quat_predictor\.pred_layer|prob_predictor|scale_predictor\.pred_layer|trans_predictor\.pred_layer)\..+",
-    r"texture_predictor\.enc\.[01]\.[01]\..+",
-    r"texture_predictor\.decoder\.(([02468])\.2|([13579])\.[01]|10)\..+",
-]
-
-
-def original_state_dict(model):
-    """Our stage-2 weights re-saved the way the original code saved them."""
-    state = {k: v.clone() for k, v in model.state_dict().items() if k != "texture_predictor.uv_sampler"}
-    state["uv_sampler"] = torch.zeros(16, 656, 36, 2)  # batch-sized in the original
-    for name, shape in (("scale", 1), ("trans", 2), ("quat", 4)):
-        state[f"cam_predictor.{name}_predictor.pred_layer.weight"] = torch.randn(shape, 200)
-        state[f"cam_predictor.{name}_predictor.pred_layer.bias"] = torch.randn(shape)
-    state["cam_predictor.prob_predictor.weight"] = torch.randn(8, 200)
-    state["cam_predictor.prob_predictor.bias"] = torch.randn(8)
-    return state
-
-
-def test_original_checkpoint_loads(tmp_path, stage2):
-    state = original_state_dict(stage2)
-    for key in state:
-        if key.endswith("num_batches_tracked"):
-            continue
-        assert any(re.fullmatch(p, key) for p in ORIGINAL_LAYOUT), f"{key} is not in the original layout"
-    families = {p for p in ORIGINAL_LAYOUT for k in state if re.fullmatch(p, k)}
-    assert families == set(ORIGINAL_LAYOUT)  # and every family of the original is present
-    torch.save(state, tmp_path / "pred_net_latest.pth")
-    fresh = N.MeshNet(stage=2, img_size=IMG, pretrained_encoder=False)
-    N.load_original_checkpoint(fresh, tmp_path / "pred_net_latest.pth")
-    stage2.eval()
-    fresh.eval()
-    img = torch.rand(2, 3, IMG, IMG)
-    a, b = stage2(img), fresh(img)
-    for key in ("verts", "cam", "tex_flow", "cam_probs"):
-        torch.testing.assert_close(a[key], b[key])
-    # a checkpoint that does not fit says which keys are wrong
-    del state["shape_predictor.pred_layer.bias"]
-    with pytest.raises(RuntimeError, match="missing.*shape_predictor.pred_layer.bias"):
-        N.load_original_checkpoint(fresh, state)
-    with pytest.raises(FileNotFoundError, match="--model_path"):
-        N.load_original_checkpoint(fresh, tmp_path / "missing.pth")
 
 
 def test_pretrained_encoder_without_weights_names_the_flag(tmp_path, monkeypatch):

@@ -1,7 +1,7 @@
 """UMR's losses (spec model_training_eval.md §8), each with the spec's formula and reduction.
 
-The default follows the paper where the original's code departs from it; ``compat=True``
-restores the original (spec §16): see the ``compat`` notes of each loss.
+The default follows the paper where the original's code departs from it; the
+:class:`umr.quirks.Quirks` switch named in a loss's notes restores the original there.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umr.geometry import sample_textures
+from umr.quirks import Quirks
 from umr.renderer import SoftRenderer, face_pixel_centers, project_points
 
 __all__ = [
@@ -93,23 +94,27 @@ def texture_cycle_loss(tex_flow: torch.Tensor, target: torch.Tensor, visible: to
     return ((avg_flow - target) ** 2 * visible[..., None]).mean()
 
 
-def cycle_target(face_index: torch.Tensor, num_faces: int, p2f: Optional[torch.Tensor], compat: bool, stage: int):
-    """Target and visibility of the texture-cycle loss from a render's z-buffer.
+def cycle_target(face_index: torch.Tensor, num_faces: int, p2f: Optional[torch.Tensor], stage: int,
+                 quirks: Quirks = Quirks()):
+    """Target (B, F, 2) and visibility (B, F) of the texture-cycle loss from a render's z-buffer
+    (B, H, W).
 
     Default (the paper's intent): the mean image position of each face's visible pixels
-    (:func:`umr.renderer.face_pixel_centers`), for visible faces. compat: stage 1 uses SoftRas'
-    p2f (running-max softmax weights, Q2), stage 2 a zero target (the original took p2f from
-    the hard renderer, which never fills it: Q1), and face F−1 always counts as visible
-    (Python indexing with the background's −1: Q9).
+    (:func:`umr.renderer.face_pixel_centers`), for visible faces. Quirks: ``q2_softras_p2f``,
+    stage 1 uses SoftRas' p2f (running-max softmax weights); ``q1_zero_cycle_target``, stage 2
+    a zero target (the original took p2f from the hard renderer, which never fills it);
+    ``q9_last_face_visible``, face F−1 counts as visible wherever the z-buffer shows background
+    (the original indexed with the background's −1).
     """
-    centers, visible = face_pixel_centers(face_index, num_faces, align_corners=True, dtype=torch.float32)
-    if not compat:
-        return centers, visible
-    visible = visible.clone()
-    visible[:, -1] |= (face_index < 0).flatten(1).any(1)
-    if stage == 1:
-        return p2f.detach(), visible
-    return torch.zeros_like(centers), visible
+    target, visible = face_pixel_centers(face_index, num_faces, align_corners=True, dtype=torch.float32)
+    if quirks.q9_last_face_visible:
+        visible = visible.clone()
+        visible[:, -1] |= (face_index < 0).flatten(1).any(1)
+    if stage == 1 and quirks.q2_softras_p2f:
+        target = p2f.detach()
+    elif stage == 2 and quirks.q1_zero_cycle_target:
+        target = torch.zeros_like(target)
+    return target, visible
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,26 +295,27 @@ class PartMatchingLoss(nn.Module):
         return (loss_pix + loss_ctr) / 4
 
 
-def face_sample_labels(seg: np.ndarray, uv_sampler: torch.Tensor, mesh, compat: bool = False) -> torch.Tensor:
+def face_sample_labels(seg: np.ndarray, uv_sampler: torch.Tensor, mesh, rounded: bool = False) -> torch.Tensor:
     """(F, T*T) part labels of the template's texture samples from the UV label image (H, W).
 
-    Nearest sampling (compat: bilinear interpolation then rounding, which can invent labels
-    between non-adjacent ones: Q10); left faces copy their right twins.
+    Nearest sampling (``rounded``, quirk ``q10_rounded_labels``: bilinear interpolation then
+    rounding, which can invent labels between non-adjacent ones); left faces copy their right
+    twins.
     """
     label_image = torch.from_numpy(np.asarray(seg, dtype=np.float32))[None, None]
     grid = uv_sampler[None].float().cpu()  # (1, F_half, T*T, 2)
-    mode = "bilinear" if compat else "nearest"
+    mode = "bilinear" if rounded else "nearest"
     labels = F.grid_sample(label_image, grid, mode=mode, align_corners=True)[0, 0]
-    labels = labels.round().long() if compat else labels.long()
+    labels = labels.round().long() if rounded else labels.long()
     return mesh.symmetrize_faces(labels[None])[0]
 
 
-def normalise_part_maps(part_prob: torch.Tensor, mask: torch.Tensor, compat: bool = False) -> torch.Tensor:
-    """``P̃_c = (P_c ⊙ M) / max_pixels(P_c ⊙ M)`` per image and channel (§12.1). compat: no
-    epsilon, so an absent part gives NaN (Q17)."""
+def normalise_part_maps(part_prob: torch.Tensor, mask: torch.Tensor, no_epsilon: bool = False) -> torch.Tensor:
+    """``P̃_c = (P_c ⊙ M) / max_pixels(P_c ⊙ M)`` per image and channel (§12.1).
+    ``no_epsilon`` (quirk ``q17_no_epsilon``): an absent part divides by zero (NaN)."""
     masked = part_prob * mask[:, None]
     peak = masked.flatten(2).max(-1).values[..., None, None]
-    return masked / (peak if compat else peak.clamp_min(1e-6))
+    return masked / (peak if no_epsilon else peak.clamp_min(1e-6))
 
 
 def vertex_correspondence_loss(

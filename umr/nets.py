@@ -1,17 +1,18 @@
 """UMR's networks (spec model_training_eval.md §4–7): encoder, shape / camera / texture-flow
 predictors for both stages, and the discriminator with its gradient reversal layer.
 
-Module names follow the original's state-dict layout (§5.7), so the authors' released CUB model
-loads with :func:`load_original_checkpoint`. Where the original departs from the paper, the
-default follows the paper and ``compat=True`` restores the original (spec §16):
+Module names follow the original's stage-2 state-dict layout (§5.7); :mod:`umr.checkpoints`
+loads the authors' released checkpoints of both stages. Where the original departs from the
+paper, the default follows the paper and a :class:`umr.quirks.Quirks` switch restores the
+original:
 
-* Q5: stage-1 shape MLP — LeakyReLU(0.01) (compat: slope 1, i.e. an affine map);
-* Q6: the latent code — the mean in eval mode (compat: always sampled);
-* Q7: camera hypotheses — hypothesis k starts rotated by ``cam_biases[k]`` (compat: unused);
-* Q12: the camera — the most probable hypothesis in eval mode (compat: always sampled);
-* Q14: BatchNorm1d weights — 1 (compat: U(0, 1), PyTorch 1.1's init);
-* centre vertices of the symmetric mesh keep their symmetry-plane coordinate (compat: free),
-  so the predicted mesh is exactly mirror symmetric.
+* ``q5_linear_shape_mlp``: stage-1 shape MLP with LeakyReLU slope 1 (an affine map; default 0.01);
+* ``q6_sampled_latent``: the latent code sampled in eval mode too (default: the mean);
+* ``q7_biases_unused``: camera hypotheses not rotated by ``cam_biases[k]`` (default: rotated);
+* ``q12_sampled_camera``: the camera hypothesis sampled in eval mode too (default: the most probable);
+* ``q14_uniform_bn_init``: BatchNorm1d weights start U(0, 1), PyTorch 1.1's init (default 1);
+* ``free_centre_vertices``: centre vertices of the symmetric mesh may leave the symmetry plane
+  (default: they keep it, so the predicted mesh is exactly mirror symmetric).
 """
 from __future__ import annotations
 
@@ -25,15 +26,13 @@ from torch import nn
 
 from umr.geometry import hamilton_product
 from umr.mesh import SymmetricMesh, compute_uv_sampler, symmetric_template, uv_image_size
+from umr.quirks import Quirks
 
 __all__ = [
     "MeshNet",
     "Discriminator",
     "GradientReversal",
     "load_resnet18",
-    "load_original_checkpoint",
-    "read_state",
-    "checkpoint_stage",
     "PretrainedWeightsMissing",
 ]
 
@@ -49,9 +48,9 @@ class PretrainedWeightsMissing(RuntimeError):
 # Building blocks (§4)
 
 
-def net_init(module: nn.Module, compat: bool = False) -> nn.Module:
+def net_init(module: nn.Module, uniform_bn: bool = False) -> nn.Module:
     """Linear/Conv2d weights N(0, 0.02) and zero bias; BatchNorm2d weight 1, bias 0.
-    BatchNorm1d: weight 1 (compat: U(0, 1) as PyTorch 1.1 initialised it, quirk Q14)."""
+    BatchNorm1d: weight 1 (``uniform_bn``: U(0, 1) as PyTorch 1.1 initialised it, quirk Q14)."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.normal_(m.weight, 0.0, 0.02)
@@ -60,7 +59,7 @@ def net_init(module: nn.Module, compat: bool = False) -> nn.Module:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm1d) and compat:
+        elif isinstance(m, nn.BatchNorm1d) and uniform_bn:
             nn.init.uniform_(m.weight)
     return module
 
@@ -89,9 +88,9 @@ def fc(use_bn: bool, nc_in: int, nc_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(nc_in, nc_out), nn.LeakyReLU(0.1, inplace=True))
 
 
-def fc_stack(nc_in: int, nc_out: int, nlayers: int, use_bn: bool = True, compat: bool = False) -> nn.Sequential:
+def fc_stack(nc_in: int, nc_out: int, nlayers: int, use_bn: bool = True, uniform_bn: bool = False) -> nn.Sequential:
     layers = [fc(use_bn, nc_in if i == 0 else nc_out, nc_out) for i in range(nlayers)]
-    return net_init(nn.Sequential(*layers), compat)
+    return net_init(nn.Sequential(*layers), uniform_bn)
 
 
 def conv2d(use_bn: bool, nc_in: int, nc_out: int, kernel_size: int = 3, stride: int = 1) -> nn.Sequential:
@@ -111,14 +110,14 @@ def upconv2d(nc_in: int, nc_out: int) -> nn.Sequential:
     )
 
 
-def decoder2d(nlayers: int, nc_input: int, nc_final: int, use_bn: bool = True, nc_min: int = 8, compat: bool = False):
+def decoder2d(nlayers: int, nc_input: int, nc_final: int, use_bn: bool = True, nc_min: int = 8, uniform_bn: bool = False):
     layers, nc = [], nc_input
     for _ in range(nlayers):
         nc_out = nc // 2 if nc // 2 >= nc_min else nc
         layers += [upconv2d(nc, nc_out), conv2d(use_bn, nc_out, nc_out)]
         nc = nc_out
     layers.append(nn.Conv2d(nc, nc_final, 3, stride=1, padding=1, bias=True))
-    return net_init(nn.Sequential(*layers), compat)
+    return net_init(nn.Sequential(*layers), uniform_bn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,13 +166,14 @@ class Encoder(nn.Module):
     """Image (B, 3, S, S), ImageNet-normalised → feature (B, nz_feat) and the latent's mean and
     log-variance (B, z_dim)."""
 
-    def __init__(self, img_size: int, nz_feat: int = 200, z_dim: int = 350, pretrained: bool = True, compat: bool = False):
+    def __init__(self, img_size: int, nz_feat: int = 200, z_dim: int = 350, pretrained: bool = True,
+                 uniform_bn: bool = False):
         super().__init__()
         if img_size % 64:
             raise ValueError(f"img_size must be a multiple of 64 (the encoder downsamples by 64), got {img_size}")
         self.resnet_conv = _ResNetConv(pretrained)
         self.enc_conv1 = conv2d(True, 512, 256, kernel_size=4, stride=2)
-        self.enc_fc = fc_stack(256 * (img_size // 64) ** 2, nz_feat, 2, compat=compat)
+        self.enc_fc = fc_stack(256 * (img_size // 64) ** 2, nz_feat, 2, uniform_bn=uniform_bn)
         self.mean_fc = nn.Sequential(nn.Linear(nz_feat, nz_feat), nn.LeakyReLU(0.01), nn.Linear(nz_feat, z_dim))
         self.logvar_fc = nn.Sequential(nn.Linear(nz_feat, nz_feat), nn.LeakyReLU(0.01), nn.Linear(nz_feat, z_dim))
 
@@ -201,11 +201,11 @@ class ShapePredictor(nn.Module):
 
 class ShapeMLP(nn.Module):
     """Stage 1: MLP z → 350 → 700 → 1400 → 2800 → half-mesh offsets (default PyTorch init).
-    The original's ``LeakyReLU(True)`` set the slope to 1 (a linear map, quirk Q5): compat only."""
+    ``linear``: the original's ``LeakyReLU(True)``, which set the slope to 1 (an affine map, quirk Q5)."""
 
-    def __init__(self, z_dim: int, num_output: int, compat: bool = False):
+    def __init__(self, z_dim: int, num_output: int, linear: bool = False):
         super().__init__()
-        slope = 1.0 if compat else 0.01
+        slope = 1.0 if linear else 0.01
         widths = [z_dim, 350, 700, 1400, 2800]
         layers = []
         for nc_in, nc_out in zip(widths[:-1], widths[1:]):
@@ -240,9 +240,9 @@ class _Linear(nn.Module):
 class CameraHead(nn.Module):
     """One hypothesis: fc_stack(BN) → unit quaternion, probability logit, scale, translation."""
 
-    def __init__(self, nz_feat: int, compat: bool):
+    def __init__(self, nz_feat: int, uniform_bn: bool = False):
         super().__init__()
-        self.fc_layer = fc_stack(nz_feat, nz_feat, 2, use_bn=True, compat=compat)
+        self.fc_layer = fc_stack(nz_feat, nz_feat, 2, use_bn=True, uniform_bn=uniform_bn)
         self.quat_predictor = _Linear(nz_feat, 4)
         self.prob_predictor = nn.Linear(nz_feat, 1)
         self.scale_predictor = _Linear(nz_feat, 1)
@@ -269,15 +269,15 @@ class MultiCamPredictor(nn.Module):
 
     ``cam_biases`` (Q7): by default hypothesis k's quaternion is ``q_k ⊗ bias_k`` — the heads
     start near the identity, so the hypotheses start spread over 8 azimuths of a side view, as
-    intended; with compat the biases are left unused, as in the original.
+    intended; ``use_biases=False`` leaves them unused, as the original did.
     """
 
-    def __init__(self, nz_feat: int, num_hypotheses: int = 8, compat: bool = False):
+    def __init__(self, nz_feat: int, num_hypotheses: int = 8, use_biases: bool = True, uniform_bn: bool = False):
         super().__init__()
-        self.compat = compat
+        self.use_biases = use_biases
         self.fc = fc_stack(nz_feat, nz_feat, 2, use_bn=False)
-        self.camera_predictor = nn.ModuleList([CameraHead(nz_feat, compat) for _ in range(num_hypotheses)])
-        net_init(self, compat)
+        self.camera_predictor = nn.ModuleList([CameraHead(nz_feat, uniform_bn) for _ in range(num_hypotheses)])
+        net_init(self, uniform_bn)
         for head in self.camera_predictor:
             head.quat_predictor.pred_layer.bias.data.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0]))
         self.register_buffer("cam_biases", camera_biases(num_hypotheses))
@@ -289,7 +289,7 @@ class MultiCamPredictor(nn.Module):
         h = self.fc(feat)
         cams, logits = zip(*(head(h) for head in self.camera_predictor))
         hypotheses = torch.stack(cams, dim=1)  # (B, K, 7)
-        if not self.compat:
+        if self.use_biases:
             quats = hamilton_product(hypotheses[..., 3:], self.cam_biases.to(hypotheses.dtype)[None])
             hypotheses = torch.cat([hypotheses[..., :3], quats], dim=-1)
         probs = torch.softmax(torch.cat(logits, dim=1), dim=1)  # (B, K)
@@ -334,7 +334,7 @@ class TexturePredictorUV(nn.Module):
     images and takes a fraction of the time.
     """
 
-    def __init__(self, nz_feat: int, mesh: SymmetricMesh, tex_size: int = 6, compat: bool = False,
+    def __init__(self, nz_feat: int, mesh: SymmetricMesh, tex_size: int = 6, uniform_bn: bool = False,
                  uv_height: Optional[int] = None, channels: int = 256):
         super().__init__()
         self.mesh = mesh
@@ -349,8 +349,8 @@ class TexturePredictorUV(nn.Module):
             self.uv_height, self.uv_width = uv_height, 2 * uv_height
         self.feat_h, self.feat_w, self.channels = 4, 8, channels
         nlayers = int(round(math.log2(self.uv_height / self.feat_h)))
-        self.enc = fc_stack(nz_feat, channels * self.feat_h * self.feat_w, 2, compat=compat)
-        self.decoder = decoder2d(nlayers, channels, 2, compat=compat)
+        self.enc = fc_stack(nz_feat, channels * self.feat_h * self.feat_w, 2, uniform_bn=uniform_bn)
+        self.decoder = decoder2d(nlayers, channels, 2, uniform_bn=uniform_bn)
 
     def forward(self, feat):
         uv_image = self.decoder(self.enc(feat).view(-1, self.channels, self.feat_h, self.feat_w))
@@ -388,7 +388,7 @@ class MeshNet(nn.Module):
         axis: int = 1,
         pretrained_encoder: bool = True,
         mean_shape: Optional[torch.Tensor] = None,
-        compat: bool = False,
+        quirks: Optional[Quirks] = None,
         logvar_init: Optional[float] = None,
         side_view_init: bool = False,
         uv_height: Optional[int] = None,
@@ -399,11 +399,16 @@ class MeshNet(nn.Module):
         latent log-variance head (None: PyTorch's default init, as the original, where the
         injected noise starts with unit variance and outweighs the image's code);
         ``side_view_init``: stage 1's camera starts at the side view (see
-        :class:`SingleCamPredictor`)."""
+        :class:`SingleCamPredictor`). ``quirks``: :class:`umr.quirks.Quirks` (default: none)."""
         super().__init__()
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 or 2, got {stage}")
-        self.stage, self.compat, self.axis = stage, compat, axis
+        quirks = quirks or Quirks()
+        self.stage, self.quirks, self.axis = stage, quirks, axis
+        # what rebuilds this network from a checkpoint (umr.checkpoints)
+        self.arch = dict(stage=stage, img_size=img_size, nz_feat=nz_feat, z_dim=z_dim, num_hypo_cams=num_hypo_cams,
+                         tex_size=tex_size, subdivide=subdivide, axis=axis, uv_height=uv_height or 0,
+                         uv_channels=uv_channels)
         self.mesh = symmetric_template(subdivide, axis)
         template = torch.from_numpy(self.mesh.verts[: self.mesh.num_output]).float()
         if mean_shape is not None:
@@ -414,23 +419,24 @@ class MeshNet(nn.Module):
         self.register_buffer("faces", torch.from_numpy(self.mesh.faces), persistent=False)
         # zero the symmetry-plane coordinate of centre-vertex offsets (exact symmetry)
         keep = torch.ones(self.mesh.num_output, 3)
-        if not compat:
+        if not quirks.free_centre_vertices:
             keep[: self.mesh.num_indept, axis] = 0
         self.register_buffer("offset_mask", keep, persistent=False)
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.encoder = Encoder(img_size, nz_feat, z_dim, pretrained_encoder, compat)
+        uniform_bn = quirks.q14_uniform_bn_init
+        self.encoder = Encoder(img_size, nz_feat, z_dim, pretrained_encoder, uniform_bn)
         if logvar_init is not None:
             nn.init.constant_(self.encoder.logvar_fc[-1].bias, logvar_init)
         num_output = self.mesh.num_output
         if stage == 1:
-            self.shape_predictor = ShapeMLP(z_dim, num_output, compat)
+            self.shape_predictor = ShapeMLP(z_dim, num_output, quirks.q5_linear_shape_mlp)
             self.cam_predictor = SingleCamPredictor(nz_feat, side_view_init)
         else:
             self.shape_predictor = ShapePredictor(z_dim, num_output)
-            self.cam_predictor = MultiCamPredictor(nz_feat, num_hypo_cams, compat)
-        self.texture_predictor = TexturePredictorUV(nz_feat, self.mesh, tex_size, compat, uv_height, uv_channels)
-        net_init(self.texture_predictor, compat)
+            self.cam_predictor = MultiCamPredictor(nz_feat, num_hypo_cams, not quirks.q7_biases_unused, uniform_bn)
+        self.texture_predictor = TexturePredictorUV(nz_feat, self.mesh, tex_size, uniform_bn, uv_height, uv_channels)
+        net_init(self.texture_predictor, uniform_bn)
 
     def symmetrize(self, half: torch.Tensor) -> torch.Tensor:
         return self.mesh.symmetrize(half)
@@ -447,8 +453,8 @@ class MeshNet(nn.Module):
         """``eps`` (B, z_dim) standard normal and ``u_cam`` (B,) uniform numbers for the latent
         sample and the camera hypothesis sample; None draws them here."""
         feat, mean, logvar = self.encoder((img - self.image_mean) / self.image_std)
-        if self.training or self.compat:
-            # Q6: the original also samples at test time; the paper's intent is the mean there
+        if self.training or self.quirks.q6_sampled_latent:
+            # the original also samples at test time; the paper's intent is the mean there
             eps = torch.randn_like(mean) if eps is None else eps.to(mean)
             z = mean + eps * torch.exp(0.5 * logvar)
         else:
@@ -460,7 +466,7 @@ class MeshNet(nn.Module):
         if self.stage == 1:
             out["cam"] = self.cam_predictor(feat)
         else:
-            sample = self.training or self.compat  # Q12: most probable hypothesis at test time
+            sample = self.training or self.quirks.q12_sampled_camera  # else the most probable hypothesis
             cam, hyp, probs, index = self.cam_predictor(feat, sample, u_cam)
             out.update(cam=cam, cam_hypotheses=hyp, cam_probs=probs, cam_sample_inds=index, base_quats=hyp[:, 0, 3:])
         return out
@@ -511,80 +517,3 @@ class Discriminator(nn.Module):
 
     def forward(self, x):
         return self.fc(self.conv(self.grl(x)).flatten(1))
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints of the original code
-
-
-# Parameters the original created but never used (§5.4): present in its checkpoints, absent here.
-ORIGINAL_DEAD_KEYS = tuple(
-    f"cam_predictor.{name}"
-    for name in (
-        "scale_predictor.pred_layer.weight", "scale_predictor.pred_layer.bias",
-        "trans_predictor.pred_layer.weight", "trans_predictor.pred_layer.bias",
-        "quat_predictor.pred_layer.weight", "quat_predictor.pred_layer.bias",
-        "prob_predictor.weight", "prob_predictor.bias",
-    )
-)
-# Buffers whose saved values are not used: the batch-sized UV sampler (recomputed) and
-# stage 1's unused noise buffer.
-ORIGINAL_SKIPPED_KEYS = ("uv_sampler", "texture_predictor.uv_sampler", "noise")
-
-
-def read_state(path_or_state) -> dict:
-    """A checkpoint's model weights: the state dict of the original code or ours, or our
-    training checkpoint's ``model`` entry (its ``stage`` and training flags are kept under
-    ``"__stage__"`` and ``"__flags__"``)."""
-    state = path_or_state
-    if not isinstance(state, dict):
-        path = Path(path_or_state)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path} (check --model_path)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    if "model" in state and isinstance(state["model"], dict):  # a training checkpoint of ours
-        stage, flags = state.get("stage"), state.get("flags")
-        state = dict(state["model"])
-        if stage is not None:
-            state["__stage__"] = stage
-        if isinstance(flags, dict):
-            state["__flags__"] = flags
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def checkpoint_stage(state: dict) -> int:
-    """The stage (1 or 2) of a model state (:func:`read_state`): recorded by our trainer, else
-    told by the keys (stage 2 has camera hypotheses, stage 1 a shape MLP)."""
-    if "__stage__" in state:
-        return int(state["__stage__"])
-    if any(k.startswith("cam_predictor.camera_predictor.") for k in state):
-        return 2
-    if any(k.startswith("shape_predictor.mlp.") for k in state):
-        return 1
-    raise RuntimeError("the checkpoint holds neither a stage-1 nor a stage-2 UMR model (check --model_path)")
-
-
-def load_original_checkpoint(model: nn.Module, path_or_state) -> None:
-    """Load a checkpoint of the original UMR code (e.g. the released ``pred_net_latest.pth``)
-    or of this code into ``model``, strictly: every other key must match by name and shape.
-
-    The original stored the UV sampler at the top level and batch-sized; it is recomputed here.
-    """
-    state = read_state(path_or_state)
-    state = {k: v for k, v in state.items()
-             if k not in ORIGINAL_DEAD_KEYS and k not in ORIGINAL_SKIPPED_KEYS and not k.startswith("__")}
-    own = model.state_dict()
-    for key in ("texture_predictor.uv_sampler",):
-        if key in own:
-            state[key] = own[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        raise RuntimeError(
-            "checkpoint does not match the model: "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}, "
-            f"wrong shape {wrong[:8]} (is it a stage-{getattr(model, 'stage', '?')} model with the same flags?)"
-        )
-    model.load_state_dict(state)

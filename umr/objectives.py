@@ -3,8 +3,8 @@
 Each objective owns its renderers and regularisers and returns the total loss with its named,
 weighted terms. Gradient routing follows the spec: the texture branch sees the geometry as
 detached; by default the predicted silhouette that masks the rendered texture is detached too,
-so texture losses never move shape or camera (the original let them through it: quirk Q4,
-restored by ``compat``).
+so texture losses never move shape or camera (the original let them through it: quirk
+``q4_texture_moves_geometry`` restores that).
 
 The original rendered each mesh twice with the same geometry and cameras: once for the
 silhouette (gradients to shape and camera) and once, detached, for the texture. Here one
@@ -13,7 +13,7 @@ textures only (``rgb_geometry_grad=False``); values and gradients are those of t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -23,6 +23,7 @@ from umr import losses as L
 from umr.geometry import rotate_cam, sample_textures
 from umr.mesh import FlattenLoss, LaplacianLoss
 from umr.nets import Discriminator, MeshNet
+from umr.quirks import Quirks
 from umr.renderer import SoftRenderer
 
 __all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective"]
@@ -53,7 +54,7 @@ class ObjectiveConfig:
     prob_loss_wt: float = 5.0
     vertex_loss_wt: float = 10.0
     texture_loss: str = "perceptual"
-    compat: bool = False
+    quirks: Quirks = field(default_factory=Quirks)
     axis: int = 1
 
     @classmethod
@@ -67,8 +68,8 @@ class ObjectiveConfig:
 
     @classmethod
     def from_flags(cls, flags, stage: int) -> "ObjectiveConfig":
-        names = {f.name for f in fields(cls)} - {"stage"}
-        return cls(stage=stage, **{n: getattr(flags, n) for n in names if hasattr(flags, n)})
+        names = {f.name for f in fields(cls)} - {"stage", "quirks"}
+        return cls(stage=stage, quirks=Quirks.from_flags(flags), **{n: getattr(flags, n) for n in names if hasattr(flags, n)})
 
 
 def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class _Objective(nn.Module):
             raise ValueError(f"images are {size} px but the renderer's image_size is {self.config.image_size}; use equal --img_size and --image_size")
 
     def _masked_alpha(self, alpha):
-        return alpha if self.config.compat else alpha.detach()
+        return alpha if self.config.quirks.q4_texture_moves_geometry else alpha.detach()
 
     def _regularisers(self, out) -> dict:
         c = self.config
@@ -126,7 +127,8 @@ class Stage1Objective(_Objective):
         img, mask = batch["img"], batch["mask"]
         terms = {}
         textures = sample_textures(out["tex_flow"], img)
-        render = self.tex_renderer(verts, faces, cam, textures, return_p2f=c.compat, rgb_geometry_grad=False)
+        render = self.tex_renderer(verts, faces, cam, textures, return_p2f=c.quirks.q2_softras_p2f,
+                                   rgb_geometry_grad=False)
         alpha = render.image[:, 3]
         terms["mask"] = c.mask_loss_wt * L.mask_loss(alpha, mask)
         terms.update(self._regularisers(out))
@@ -137,7 +139,7 @@ class Stage1Objective(_Objective):
         masked_render = render.image[:, :3] * self._masked_alpha(alpha)[:, None]
         terms["texture"] = c.tex_loss_wt * self.texture_distance(masked_render, img * mask[:, None]).mean()
         terms["texture_dt"] = c.tex_dt_loss_wt * L.texture_dt_loss(out["tex_flow"], batch["mask_dt"])
-        target, visible = L.cycle_target(render.face_index, faces.shape[0], render.p2f, c.compat, stage=1)
+        target, visible = L.cycle_target(render.face_index, faces.shape[0], render.p2f, 1, c.quirks)
         terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), visible)
         if self.discriminator is not None:
             fake = self.gan_renderer(verts, faces, rotate_cam(cam.detach(), _gan_angles(batch, verts))).image[:, 3:]
@@ -189,7 +191,7 @@ class Stage2Objective(_Objective):
         terms["texture_dt"] = c.tex_dt_loss_wt * L.texture_dt_loss(out["tex_flow"], batch["mask_dt"])
         # the cycle loss looks at the render of the sampled camera
         sampled = torch.arange(B, device=verts.device) * K + out["cam_sample_inds"][:, 0]
-        target, visible = L.cycle_target(render.face_index[sampled], faces.shape[0], None, c.compat, stage=2)
+        target, visible = L.cycle_target(render.face_index[sampled], faces.shape[0], None, 2, c.quirks)
         terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), visible)
 
         cam_s = out["cam"].detach()
@@ -201,9 +203,9 @@ class Stage2Objective(_Objective):
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, previous, fake)
         self.previous_real = real
 
-        part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.compat)
+        part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.quirks.q17_no_epsilon)
         terms["part"] = c.prob_loss_wt * self.part_loss(verts, faces, cam_s, part_maps)
         points = {p: batch[f"{p}_points"] for p in self.part_vertices}
         terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(template, self.part_vertices, hyps, probs, points,
-                                                                          train_probs=not c.compat)
+                                                                          train_probs=not c.quirks.detached_probs)
         return sum(terms.values()), terms

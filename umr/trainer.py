@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, fields
@@ -31,11 +30,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from umr import distributed as D
+from umr.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_file, model_config, numpy_rng_state, save_atomic
+from umr.checkpoints import set_numpy_rng_state
 
-__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "save_atomic", "load_checkpoint"]
-
-CHECKPOINT_FORMAT = "umr-train-1"
-
+__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "load_checkpoint"]
 
 @dataclass
 class TrainSettings:
@@ -138,26 +136,11 @@ class TrainStep(nn.Module):
         return total, terms, out
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to ``<path>.tmp``, then rename: a crash mid-write never leaves a truncated
-    file under ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def load_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({err}); it may be truncated") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"{path} is not a umr training checkpoint (it cannot be resumed from)")
+    """A training checkpoint to resume from (read safely, :func:`umr.checkpoints.load_file`)."""
+    state = load_file(path, "--resume")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"--resume {path} is not a umr training checkpoint (it cannot be resumed from)")
     return state
 
 
@@ -236,6 +219,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+            "model_config": model_config(self.model),
             "discriminator": disc.state_dict() if disc is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch,
@@ -246,7 +230,7 @@ class Trainer:
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": numpy_rng_state(),
                 "python": random.getstate(),
             },
             **self.extra_state,
@@ -270,7 +254,7 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
+        set_numpy_rng_state(rng["numpy"])
         random.setstate(rng["python"])
 
     # ---------------------------------------------------------------- logging
@@ -445,14 +429,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def make_template_update(freq: int, compat: bool = False) -> Callable:
+def make_template_update(freq: int, jump: bool = False) -> Callable:
     """Stage 1's template update (§10.3): after every ``freq``-th epoch, run the model (train
     mode, no gradients) over that epoch's training batches and move the mean predicted
     deformation (over all samples of all processes) into the template ``mean_v``.
 
     By default the shape predictor's output bias gives the same amount back, so every predicted
     shape stays where it was and only the split between template and deformation changes (the
-    deformation prior then sees the per-image deformations alone). ``compat``: the original,
+    deformation prior then sees the per-image deformations alone). ``jump`` (quirk
+    ``template_jump``): the original,
     which added the deformation of the mean latent code (the mean deformation only while the
     stage-1 shape MLP was affine, quirk Q5) and left the predictor as it was, so every predicted
     shape jumped by that amount until the network re-adapted.
@@ -464,17 +449,17 @@ def make_template_update(freq: int, compat: bool = False) -> Callable:
         model = trainer.model
         model.train()
         device = trainer.ctx.device
-        total = torch.zeros_like(model.mean_v if not compat else model.encoder.mean_fc[-1].bias, dtype=torch.float64)
+        total = torch.zeros_like(model.mean_v if not jump else model.encoder.mean_fc[-1].bias, dtype=torch.float64)
         count = torch.zeros(1, device=device, dtype=torch.float64)
         with torch.no_grad():
             for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
                               disable=not trainer.ctx.is_main):
                 batch = _to_device(batch, device, model.mean_v.dtype)
                 out = model(batch["img"], batch["eps_z"], batch["u_cam"])
-                total += (out["noise"] if compat else out["delta_v"]).double().sum(0)
+                total += (out["noise"] if jump else out["delta_v"]).double().sum(0)
                 count += len(out["noise"])
             mean = (D.all_reduce_sum(total) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
-            if compat:
+            if jump:
                 model.mean_v += model.predict_offsets(mean[None])[0]
             else:
                 model.mean_v += mean

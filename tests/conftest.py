@@ -1,0 +1,22 @@
+"""Shared fixtures."""
+import pytest
+
+from data import synth_birds
+
+
+@pytest.fixture(scope="session")
+def synth_set(tmp_path_factory):
+    """``synth_set(seed, num_train, num_val, num_test, photo_size=160)``: the folder of a small
+    synthetic bird set, generated once per session for each set of arguments."""
+    made = {}
+
+    def make(seed: int, num_train: int, num_val: int, num_test: int, photo_size: int = 160):
+        key = (seed, num_train, num_val, num_test, photo_size)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"synth_{seed}")
+            synth_birds.generate(root, seed=seed, photo_size=photo_size, workers=1, progress=False,
+                                 num_train=num_train, num_val=num_val, num_test=num_test)
+            made[key] = root
+        return made[key]
+
+    return make
