@@ -102,3 +102,17 @@ def test_detached_probs_stops_the_vertex_loss_training_the_probabilities():
 
     assert prob_grad(Quirks()) > 0
     assert prob_grad(Quirks(detached_probs=True)) == 0
+
+
+def test_hidden_keypoints_let_a_hidden_vertex_carry_the_keypoint():
+    from umr.evaluation import transfer_keypoints
+
+    # vertex 0 lies behind the surface (the z-buffer holds vertex 1's depth everywhere)
+    verts = torch.tensor([[[0.3, 0.0, 0.5], [0.2, 0.0, -0.5]]])
+    cam = torch.tensor([[1.0, 0, 0, 1, 0, 0, 0]])
+    pred = {"verts": verts, "template": verts, "cam": cam, "alpha": torch.ones(1, 32, 32),
+            "depth": torch.full((1, 64, 64), 5.0 + 2.732 - 0.5)}
+    kp = torch.tensor([[[0.3, 0.0]]])  # on vertex 0
+    for quirks, x in ((Quirks(), 0.2), (Quirks(hidden_keypoints=True), 0.3)):
+        moved = transfer_keypoints(pred, pred, kp, "cam", 32, visible_only=not quirks.hidden_keypoints)
+        assert abs(float(moved[0, 0, 0]) - x) <= 1 / 31 + 1e-6
