@@ -16,6 +16,7 @@ Files (``cub_dir`` = CUB root, ``cub_cache_dir`` = CMR cache):
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.base import PART_NAMES, PART_POINTS, SamplePipeline, barrier_distance_transform, part_centre_and_points
 from umr.geometry import matrix_to_quat
 
-__all__ = ["CUBDataset", "KeypointPairs", "make_loader", "DataError"]
+__all__ = ["CUBDataset", "KeypointPairs", "make_loader", "DataError", "DataWarning", "read_image", "image_has_alpha"]
 
 SPLITS = ("train", "val", "test", "all")
 _IMAGE_FIELDS = ("rel_path", "mask", "bbox", "parts")
@@ -37,6 +38,10 @@ _SFM_FIELDS = ("scale", "trans", "rot")
 
 class DataError(ValueError):
     """A data file or directory is missing or malformed; the message names it and the flag to fix."""
+
+
+class DataWarning(UserWarning):
+    """A data file that loads but is suspect (e.g. an empty mask); the message names it."""
 
 
 def _load_mat(path: Path, variable: str, flag: str) -> np.ndarray:
@@ -60,15 +65,30 @@ def _check_fields(entries: np.ndarray, fields, path: Path, flag: str) -> None:
             )
 
 
-def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) float32 RGB in [0, 1]; grayscale is replicated, an alpha channel dropped."""
+def image_has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+
+
+def read_image(path: Path, hint: str = "check --cub_dir; images are read from <cub_dir>/images/") -> np.ndarray:
+    """(H, W, 3) float32 RGB in [0, 1]. Grayscale is replicated; 16- and 32-bit grayscale is
+    scaled from its full range (65535), not clipped at 255; transparent pixels are composited
+    over white (:func:`image_has_alpha` tells whether there were any). ``hint`` ends the error
+    message of a missing or unreadable file."""
     if not path.is_file():
-        raise DataError(f"image not found: {path} (check --cub_dir; images are read from <cub_dir>/images/)")
+        raise DataError(f"image not found: {path} ({hint})")
     try:
         with Image.open(path) as im:
+            if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float grayscale
+                gray = np.asarray(im, dtype=np.float32)
+                gray = gray / (65535.0 if im.mode != "F" else max(1.0, float(gray.max())))
+                return np.repeat(np.clip(gray, 0, 1)[..., None], 3, axis=-1)
+            if image_has_alpha(im):
+                rgba = np.asarray(im.convert("RGBA")).astype(np.float32) / 255.0
+                alpha = rgba[..., 3:]
+                return rgba[..., :3] * alpha + (1 - alpha)
             array = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"could not read image {path}: {err}") from err
+        raise DataError(f"could not read image {path}: {err} ({hint})") from err
     return array.astype(np.float32) / 255.0
 
 
@@ -116,6 +136,7 @@ class CUBDataset(Dataset):
         self.split = split
         anno_path = self.cache_dir / "data" / f"{split}_cub_cleaned.mat"
         sfm_path = self.cache_dir / "sfm" / f"anno_{split}.mat"
+        self.anno_path = anno_path
         self.anno = _load_mat(anno_path, "images", "cub_cache_dir")
         self.sfm = _load_mat(sfm_path, "sfm_anno", "cub_cache_dir")
         _check_fields(self.anno, _IMAGE_FIELDS, anno_path, "cub_cache_dir")
@@ -165,6 +186,18 @@ class CUBDataset(Dataset):
             raise DataError(f"could not read SCOPS file {path}: {err}") from err
         if prob.dtype == np.uint8:
             prob = prob.astype(np.float32) / 255.0
+        elif prob.dtype == np.uint16:
+            prob = prob.astype(np.float32) / 65535.0
+        elif not np.issubdtype(prob.dtype, np.floating):
+            raise DataError(f"SCOPS file {path} holds {prob.dtype} values; expected probabilities as float in [0, 1], "
+                            "uint8 (0..255) or uint16 (0..65535)")
+        else:
+            if not np.isfinite(prob).all():
+                raise DataError(f"SCOPS file {path} holds NaN or infinite values")
+            low, high = float(prob.min(initial=0.0)), float(prob.max(initial=0.0))
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise DataError(f"SCOPS file {path} holds values from {low:g} to {high:g}; float part maps must be "
+                                "probabilities in [0, 1] (store 0..255 maps as uint8)")
         size = self.pipeline.img_size
         expected = (size, size, 5) if per_crop else (image_shape[0], image_shape[1], 5)
         if prob.shape != expected:
@@ -179,6 +212,9 @@ class CUBDataset(Dataset):
         mask = np.asarray(entry.mask, dtype=np.float32)
         if mask.shape != image.shape[:2]:
             raise DataError(f"image {index} ({entry.rel_path}): mask is {mask.shape} but the photo is {image.shape[:2]}")
+        if not mask.any():
+            warnings.warn(f"image {index} ({entry.rel_path}) of {self.anno_path} has an empty mask: it gives no "
+                          "silhouette to learn from", DataWarning, stacklevel=2)
         b = entry.bbox
         bbox0 = np.array([b.x1, b.y1, b.x2, b.y2], dtype=np.float64) - 1
         kp0 = np.asarray(entry.parts, dtype=np.float64).T.copy()
@@ -226,6 +262,10 @@ class KeypointPairs(Dataset):
 
     def __init__(self, dataset: CUBDataset, number_pairs: int, seed: Optional[int] = None):
         self.dataset = dataset
+        distinct = len(dataset) * (len(dataset) - 1)
+        if number_pairs > distinct:
+            raise DataError(f"--number_pairs {number_pairs} is more than the {distinct} distinct ordered pairs of the "
+                            f"split's {len(dataset)} images (pairs would repeat or pair an image with itself)")
         rng = np.random.RandomState(len(dataset) if seed is None else seed)
         self.first = rng.randint(len(dataset), size=number_pairs)
         self.second = rng.randint(len(dataset), size=number_pairs)

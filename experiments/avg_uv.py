@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from data.cub import DataError, make_loader
 from experiments import flags as umr_flags
-from experiments.common import build_dataset, check_sizes, load_trained_model, resolve_checkpoint, user_errors_exit
+from experiments.common import (build_dataset, check_sizes, check_writable, load_trained_model, resolve_checkpoint,
+                                user_errors_exit)
 from umr import distributed as D
 from umr.losses import PART_NAMES, check_part_vertices, make_texture_distance
 from umr.mesh import uv_image_size
@@ -148,6 +149,7 @@ def main(_):
     if checkpoint.stage != 1:
         raise DataError(f"--model_path {FLAGS.model_path} is a stage-{checkpoint.stage} model; avg_uv needs the stage-1 model")
     check_sizes(FLAGS)
+    check_writable(FLAGS.out_dir, "--out_dir", "semantic template")
     ctx = D.setup(FLAGS.device)
     torch.manual_seed(0)
     out_dir = Path(FLAGS.out_dir)

@@ -3,6 +3,8 @@ predictions, and clean error messages for the mistakes a user can fix."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 from functools import wraps
 from pathlib import Path
@@ -19,20 +21,37 @@ from umr.losses import SemanticTemplateError
 from umr.nets import MeshNet, PretrainedWeightsMissing
 from umr.quirks import Quirks
 from umr.renderer import SoftRenderer
+from umr.trainer import Interrupted, RunError, unwritable
 
-USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError, SemanticTemplateError, CheckpointError)
+USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError, SemanticTemplateError, CheckpointError,
+               RunError, D.DeviceError)
+
+
+def _message(err: Exception) -> str:
+    """An error's message; for one re-raised from a DataLoader worker (whose message is the
+    worker's traceback), the worker's own last line without the exception's class name."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        name = type(err).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return text
 
 
 def user_errors_exit(main):
-    """Print a user-fixable error as one line (no traceback) and exit with status 2."""
+    """Print a user-fixable error as one line (no traceback) and exit with status 2; a run
+    stopped by Ctrl-C says where its checkpoint is and exits with status 130."""
 
     @wraps(main)
     def wrapper(argv):
         try:
             return main(argv)
         except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {_message(err)}", file=sys.stderr)
             sys.exit(2)
+        except Interrupted as err:
+            print(str(err), file=sys.stderr)
+            sys.exit(130)
 
     return wrapper
 
@@ -53,11 +72,21 @@ def setup_evaluation(flags):
     check_sizes(flags)
     ctx = D.setup(flags.device)
     torch.manual_seed(0)
-    return ctx, build_dataset(flags, flags.split, use_scops=False, train=False), checkpoint
+    check_results_folder(flags)
+    dataset = build_dataset(flags, flags.split, use_scops=False, train=False)
+    if len(dataset) == 0:
+        raise DataError(f"the {flags.split} split has no images ({dataset.anno_path}); nothing to evaluate "
+                        "(check --split and --cub_cache_dir)")
+    return ctx, dataset, checkpoint
 
 
 def run_training(script: str, trainer, dataset, ctx) -> None:
-    """Announce the run (main process), train, and release the process group even on a crash."""
+    """Announce the run (main process), train, and release the process group even on a crash.
+    A split with fewer images than one batch is an error (no batch could be trained on)."""
+    if len(dataset) < trainer.s.batch_size:
+        raise DataError(f"the {dataset.split} split has {len(dataset)} image(s) ({dataset.anno_path}), fewer than "
+                        f"--batch_size {trainer.s.batch_size}: there is no batch to train on (check --cub_cache_dir, "
+                        "--split or --batch_size)")
     if ctx.is_main:
         print(f"{script}: {len(dataset)} images, {ctx.world_size} process(es) on {ctx.device}; "
               f"checkpoints in {trainer.run_dir}, visuals in {trainer.vis_dir}")
@@ -252,11 +281,55 @@ def truth_path(flags, split: str, required: bool = True):
     return path
 
 
-def write_results(flags, name: str, results: dict) -> Path:
-    """Write an evaluation's numbers as JSON next to the checkpoint (``--oracle``: under
-    ``<results_eval_dir>/<name>``) and return the path."""
-    folder = Path(flags.results_eval_dir) / flags.name if flags.oracle else Path(flags.model_path).resolve().parent
+def results_folder(flags) -> Path:
+    """Where an evaluation writes its JSON: ``--results_dir``, else next to the checkpoint (with
+    ``--oracle``: ``<results_eval_dir>/<name>``)."""
+    if getattr(flags, "results_dir", ""):
+        return Path(flags.results_dir)
+    return Path(flags.results_eval_dir) / flags.name if flags.oracle else Path(flags.model_path).resolve().parent
+
+
+def check_writable(folder, flag: str, what: str = "outputs") -> None:
+    """Fail before the work when ``folder`` (given by ``flag``) cannot be written."""
+    why = unwritable(Path(folder))
+    if why:
+        raise DataError(f"cannot write the {what} to {folder} ({why}); pass {flag} with a writable folder")
+
+
+def check_results_folder(flags) -> None:
+    check_writable(results_folder(flags), "--results_dir", "evaluation's results")
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
+def write_results(flags, name: str, results: dict, summary: str) -> Path:
+    """Print ``summary``, then write the evaluation's numbers as strict JSON (a number that is
+    not finite becomes null) with what was evaluated (``evaluated``: checkpoint, data, split,
+    image size, batch limit, quirks) to ``<results folder>/<name>.json``; returns the path."""
+    print(summary, flush=True)
+    record = {**results, "evaluated": {
+        "model_path": None if flags.oracle else str(Path(flags.model_path).resolve()),
+        "oracle": bool(flags.oracle),
+        "cub_dir": str(Path(flags.cub_dir).resolve()),
+        "cub_cache_dir": str(Path(flags.cub_cache_dir).resolve()),
+        "split": flags.split,
+        "img_size": flags.img_size,
+        "max_eval_iter": flags.max_eval_iter,
+        "quirks": Quirks.from_flags(flags).enabled(),
+    }}
+    folder = results_folder(flags)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_finite_or_none(record), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    print(f"  -> {path}")
     return path

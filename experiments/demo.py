@@ -22,10 +22,11 @@ import cv2
 import numpy as np
 import torch
 from absl import app, flags
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from data.cub import image_has_alpha, read_image
 from experiments import flags as F
-from experiments.common import check_sizes, load_trained_model, resolve_checkpoint, user_errors_exit
+from experiments.common import check_sizes, check_writable, load_trained_model, resolve_checkpoint, user_errors_exit
 from umr import distributed as D
 from umr.geometry import rotate_cam, sample_textures
 from umr.obj_io import save_obj
@@ -40,14 +41,13 @@ FLAGS = F.FLAGS
 
 
 def load_photo(path: Path, size: int) -> np.ndarray:
-    """(size, size, 3) float32 crop: longer side resized to ``size``, centred, white padding."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path} (check --img_path)")
-    try:
+    """(size, size, 3) float32 crop: longer side resized to ``size``, centred, white padding.
+    Any photo :func:`data.cub.read_image` reads (16-bit too; transparent pixels over white)."""
+    photo = read_image(path, "check --img_path")
+    if path.is_file():
         with Image.open(path) as im:
-            photo = np.asarray(im.convert("RGB"), dtype=np.float32) / 255
-    except (UnidentifiedImageError, OSError) as err:
-        raise FileNotFoundError(f"could not read image {path}: {err} (check --img_path)") from err
+            if image_has_alpha(im):
+                print(f"demo: {path} has transparent pixels; they are composited over white")
     h, w = photo.shape[:2]
     scale = size / max(h, w)
     photo = cv2.resize(photo, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR)
@@ -62,6 +62,7 @@ def load_photo(path: Path, size: int) -> np.ndarray:
 def main(_):
     checkpoint = resolve_checkpoint(FLAGS)
     check_sizes(FLAGS)
+    check_writable(FLAGS.out_path, "--out_path")
     ctx = D.setup(FLAGS.device)
     size = FLAGS.img_size
     crop = load_photo(Path(FLAGS.img_path), size)

@@ -42,7 +42,8 @@ def define_data_flags():
     flags.DEFINE_float("padding_frac", 0.05, "Bounding box padding, as a fraction of its size.")
     flags.DEFINE_float("jitter_frac", 0.05, "Bounding box jitter on the train split, as a fraction of its size.")
     flags.DEFINE_enum("split", "train", ["train", "val", "test", "all"], "Data split.")
-    flags.DEFINE_integer("n_data_workers", 4, "DataLoader worker processes (0 loads in the main process).")
+    flags.DEFINE_integer("n_data_workers", 4, "DataLoader worker processes (0 loads in the main process).",
+                         lower_bound=0)
     flags.DEFINE_string("cub_dir", "CUB_200_2011/", "CUB-200-2011 folder (contains images/).")
     flags.DEFINE_string("cub_cache_dir", "unsup-mesh/cachedir/cub/", "CMR annotation cache (contains data/ and sfm/).")
     flags.DEFINE_string("scops_path", "SCOPS/results/cub/ITER_60000/train/dcrf_prob", "SCOPS part probability maps.")
@@ -54,8 +55,8 @@ def define_model_flags():
     """Networks (nnutils/cub_mesh*.py in the original)."""
     flags.DEFINE_integer("nz_feat", 200, "Encoder feature size.")
     flags.DEFINE_integer("z_dim", 350, "Latent code size.")
-    flags.DEFINE_integer("num_hypo_cams", 8, "Camera hypotheses (stage 2).")
-    flags.DEFINE_integer("tex_size", 6, "Texture samples per face side.")
+    flags.DEFINE_integer("num_hypo_cams", 8, "Camera hypotheses (stage 2).", lower_bound=1)
+    flags.DEFINE_integer("tex_size", 6, "Texture samples per face side.", lower_bound=2)
     flags.DEFINE_integer("subdivide", 3, "Icosphere subdivisions of the template (3: 642 vertices, 1280 faces).")
     flags.DEFINE_integer("axis", 1, "Symmetry axis of the template.")
     flags.DEFINE_integer("uv_height", 0,
@@ -86,19 +87,23 @@ def define_train_flags(stage: int):
     define_model_flags()
     s1 = stage == 1
     flags.DEFINE_string("name", "exp_name", "Experiment name: outputs go to <checkpoint_dir>/<name> and <vis_dir>/<name>.")
-    flags.DEFINE_integer("num_epochs", 500, "Epochs to train.")
+    flags.DEFINE_integer("num_epochs", 500, "Epochs to train.", lower_bound=1)
     flags.DEFINE_integer("num_pretrain_epochs", 0, "First epoch index (the original's way to continue a run).")
-    flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate (decays as lr / (1 + 5e-4 · iteration)).")
+    flags.DEFINE_float("learning_rate", 1e-4, "Adam learning rate (decays as lr / (1 + 5e-4 · iteration)).",
+                       lower_bound=0.0)
     flags.DEFINE_float("beta1", 0.9, "Adam beta1 (SGD momentum with --use_sgd).")
     flags.DEFINE_boolean("use_sgd", False, "SGD instead of Adam.")
-    flags.DEFINE_integer("optim_bs", 1, "Optimiser step every this many iterations (gradients accumulate).")
-    flags.DEFINE_integer("num_iter", 0, "Stop after this many iterations (0: no cap).")
-    flags.DEFINE_integer("batch_size", 64, "Global batch size, split over the processes of a torchrun job.")
+    flags.DEFINE_integer("optim_bs", 1, "Optimiser step every this many iterations (gradients accumulate).",
+                         lower_bound=1)
+    flags.DEFINE_integer("num_iter", 0, "Stop after this many iterations (0: no cap).", lower_bound=0)
+    flags.DEFINE_integer("batch_size", 64, "Global batch size, split over the processes of a torchrun job.",
+                         lower_bound=1)
     flags.DEFINE_string("checkpoint_dir", os.path.join(CACHE, "snapshots"), "Checkpoints root.")
     flags.DEFINE_string("vis_dir", os.path.join(CACHE, "visualization"), "Training visuals root.")
     flags.DEFINE_integer("print_freq", 20, "Log scalars every this many iterations.")
     flags.DEFINE_integer("save_latest_freq", 3000, "Save pred_net_latest.pth every this many iterations.")
-    flags.DEFINE_integer("save_epoch_freq", 301, "Also save pred_net_<epoch>.pth every this many epochs.")
+    flags.DEFINE_integer("save_epoch_freq", 301, "Also save pred_net_<epoch>.pth every this many epochs.",
+                         lower_bound=1)
     flags.DEFINE_integer("display_freq", 100, "Write PNG visuals every this many iterations (0: never).")
     flags.DEFINE_boolean("display_visuals", False,
                          "Also show visuals and losses live in visdom (optional: pip install visdom, then start a server "
@@ -107,7 +112,10 @@ def define_train_flags(stage: int):
     flags.DEFINE_string("visdom_server", "http://localhost", "visdom server address.")
     flags.DEFINE_integer("visdom_port", 8097, "visdom server port.")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Device: CUDA if available (auto), or forced (new flag).")
-    flags.DEFINE_boolean("resume", False, "Continue the run <checkpoint_dir>/<name> from its latest checkpoint (new flag).")
+    flags.DEFINE_boolean("resume", False, "Continue the run <checkpoint_dir>/<name> from its latest checkpoint.")
+    flags.DEFINE_boolean("overwrite", False,
+                         "Start the run <checkpoint_dir>/<name> over, deleting the checkpoints and logs of the run "
+                         "already there (without it, or --resume, a folder that holds a run is refused).")
     flags.DEFINE_integer("seed", 0, "Seed of torch, numpy and python random (the original used 0).")
     flags.DEFINE_enum("dtype", "float32", ["float32", "float64"],
                       "Training precision. float64 (about 2x slower) for gradient checks and debugging: it takes "
@@ -128,7 +136,7 @@ def define_train_flags(stage: int):
                          "<checkpoint_dir>/<name>/curves.png.")
     flags.DEFINE_string("val_split", "val", "Held-out split for validation.")
     flags.DEFINE_integer("val_images", 100, "Validation images (the first ones of --val_split).")
-    flags.DEFINE_integer("val_pairs", 100, "Keypoint-transfer pairs among the validation images.")
+    flags.DEFINE_integer("val_pairs", 100, "Keypoint-transfer pairs among the validation images.", lower_bound=1)
     flags.DEFINE_boolean("multi_gpu", False,
                          "Kept for the original's commands: several GPUs are now used by launching with torchrun, "
                          "e.g. torchrun --nproc_per_node 4 -m experiments.train_s1 ...; this flag alone changes nothing.")
@@ -136,24 +144,24 @@ def define_train_flags(stage: int):
     flags.DEFINE_enum("texture_loss", "perceptual", ["perceptual", "l1"],
                       "Texture distance: UMR's perceptual one (needs AlexNet's ImageNet weights) or l1 (new flag).")
     flags.DEFINE_integer("image_size", 256, "Render size; must equal --img_size.")
-    flags.DEFINE_float("mask_loss_wt", 3.0 if s1 else 2.5, "Silhouette loss weight.")
-    flags.DEFINE_float("grl_wt", 0.2, "Gradient reversal weight of the discriminator.")
-    flags.DEFINE_float("gan_loss_wt", 1.0, "GAN loss weight.")
+    flags.DEFINE_float("mask_loss_wt", 3.0 if s1 else 2.5, "Silhouette loss weight.", lower_bound=0.0)
+    flags.DEFINE_float("grl_wt", 0.2, "Gradient reversal weight of the discriminator.", lower_bound=0.0)
+    flags.DEFINE_float("gan_loss_wt", 1.0, "GAN loss weight.", lower_bound=0.0)
     flags.DEFINE_boolean("use_gan", True, "Use the adversarial loss.")
-    flags.DEFINE_float("triangle_reg_wt", 0.15, "Laplacian smoothness weight.")
-    flags.DEFINE_float("flatten_reg_wt", 0.0004 if s1 else 0.0005, "Flatten smoothness weight.")
-    flags.DEFINE_float("deform_reg_wt", 5.0 if s1 else 1.0, "Deformation regulariser weight.")
-    flags.DEFINE_float("tex_loss_wt", 3.0, "Texture (perceptual) loss weight.")
-    flags.DEFINE_float("tex_dt_loss_wt", 3.0, "Texture distance-transform loss weight.")
-    flags.DEFINE_float("tex_cycle_loss_wt", 0.5 if s1 else 1.0, "Texture cycle loss weight.")
+    flags.DEFINE_float("triangle_reg_wt", 0.15, "Laplacian smoothness weight.", lower_bound=0.0)
+    flags.DEFINE_float("flatten_reg_wt", 0.0004 if s1 else 0.0005, "Flatten smoothness weight.", lower_bound=0.0)
+    flags.DEFINE_float("deform_reg_wt", 5.0 if s1 else 1.0, "Deformation regulariser weight.", lower_bound=0.0)
+    flags.DEFINE_float("tex_loss_wt", 3.0, "Texture (perceptual) loss weight.", lower_bound=0.0)
+    flags.DEFINE_float("tex_dt_loss_wt", 3.0, "Texture distance-transform loss weight.", lower_bound=0.0)
+    flags.DEFINE_float("tex_cycle_loss_wt", 0.5 if s1 else 1.0, "Texture cycle loss weight.", lower_bound=0.0)
     if s1:
-        flags.DEFINE_float("ori_reg_wt", 0.4, "Orientation prior weight (first --stop_ori_epoch epochs).")
+        flags.DEFINE_float("ori_reg_wt", 0.4, "Orientation prior weight (first --stop_ori_epoch epochs).", lower_bound=0.0)
         flags.DEFINE_float("stop_ori_epoch", 3.0, "Epoch at which the orientation prior stops.")
         flags.DEFINE_integer("update_template_freq", 5, "Update the template every this many epochs.")
     else:
-        flags.DEFINE_float("ent_loss_wt", 0.05, "Camera-probability entropy weight (minimised).")
-        flags.DEFINE_float("prob_loss_wt", 5.0, "Part matching loss weight.")
-        flags.DEFINE_float("vertex_loss_wt", 10.0, "Vertex correspondence loss weight.")
+        flags.DEFINE_float("ent_loss_wt", 0.05, "Camera-probability entropy weight (minimised).", lower_bound=0.0)
+        flags.DEFINE_float("prob_loss_wt", 5.0, "Part matching loss weight.", lower_bound=0.0)
+        flags.DEFINE_float("vertex_loss_wt", 10.0, "Vertex correspondence loss weight.", lower_bound=0.0)
         flags.DEFINE_string("stemp_path", "unsup-mesh/cachedir/cub/scops/",
                             "Semantic template written by avg_uv (mean_v.pth, semantic_seg.png, vertices_idx/).")
         define_min_part_share()
@@ -176,10 +184,14 @@ def define_test_flags():
     define_data_flags()
     define_model_flags()
     flags.DEFINE_string("name", "exp_name", "Experiment name (outputs under <results_eval_dir>/<name>).")
-    flags.DEFINE_integer("batch_size", 2, "Batch size.")
+    flags.DEFINE_integer("batch_size", 2, "Batch size.", lower_bound=1)
     flags.DEFINE_string("checkpoint_dir", os.path.join(CACHE, "snapshots"), "Checkpoints root.")
     flags.DEFINE_string("results_vis_dir", os.path.join(CACHE, "results_vis"), "Visual results root.")
-    flags.DEFINE_string("results_eval_dir", os.path.join(CACHE, "evaluation"), "Evaluation results root.")
+    flags.DEFINE_string("results_eval_dir", os.path.join(CACHE, "evaluation"),
+                        "Where --oracle evaluations write their JSON (under <results_eval_dir>/<name>).")
+    flags.DEFINE_string("results_dir", "",
+                        "Folder for the evaluation's JSON (default: the checkpoint's folder; needed when that is not "
+                        "writable).")
     flags.DEFINE_string("model_path", os.path.join(CACHE, "snapshots", "cub_net", "pred_net_latest.pth"),
                         "Checkpoint to evaluate (ours or the original's released model).")
     flags.DEFINE_enum("device", "auto", ["auto", "cpu", "cuda"], "Device: CUDA if available (auto), or forced.")

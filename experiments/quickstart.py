@@ -131,8 +131,9 @@ def main(_):
         if state == "done":
             print(f"\n=== {step}: {snapshots / name} is complete; skipped")
             return
+        # nothing to resume (e.g. killed before its first checkpoint): start the run over
         times[name] = run(step, module, *train_flags, f"--name={name}", *args,
-                          *(["--resume"] if state == "partial" else []))
+                          "--resume" if state == "partial" else "--overwrite")
 
     s1_name, s2_name = f"{FLAGS.recipe}_s1", f"{FLAGS.recipe}_s2"
     train("stage 1", "experiments.train_s1", s1_name, f"--batch_size={recipe['s1_batch']}",

@@ -70,10 +70,11 @@ def main(_):
         "num_images": int(len(errors)),
         "split": FLAGS.split,
     }
-    path = write_results(FLAGS, "test_3d", results)
-    print(f"test_3d: rotation error {results['rotation_error_deg_median']:.2f} deg (median), "
-          f"{results['rotation_error_deg_mean']:.2f} (mean); mask IoU {results['mask_iou']:.4f}; "
-          f"Chamfer-L2 {results['chamfer_l2']:.5f}; F-score@{FLAGS.fscore_tau} {results['fscore']:.3f} -> {path}")
+    write_results(FLAGS, "test_3d", results,
+                  f"test_3d: rotation error {results['rotation_error_deg_median']:.2f} deg (median), "
+                  f"{results['rotation_error_deg_mean']:.2f} (mean); mask IoU {results['mask_iou']:.4f}; "
+                  f"Chamfer-L2 {results['chamfer_l2']:.5f}; F-score@{FLAGS.fscore_tau} {results['fscore']:.3f} over "
+                  f"{len(errors)} of the split's {len(dataset)} images")
 
 
 if __name__ == "__main__":

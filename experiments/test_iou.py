@@ -37,9 +37,10 @@ def main(_):
         out = predict(batch)
         ious.append(mask_iou(out["alpha"], batch["mask"].to(ctx.device)).cpu())
     ious = torch.cat(ious).numpy()
-    results = {"mask_iou": float(ious.mean()), "num_images": int(len(ious)), "split": FLAGS.split}
-    path = write_results(FLAGS, "test_iou", results)
-    print(f"test_iou: average mask IoU {results['mask_iou']:.4f} over {len(ious)} images -> {path}")
+    results = {"mask_iou": float(ious.mean()), "num_images": int(len(ious)), "split_images": len(dataset),
+               "split": FLAGS.split}
+    write_results(FLAGS, "test_iou", results, f"test_iou: average mask IoU {results['mask_iou']:.4f} over "
+                                              f"{len(ious)} of the split's {len(dataset)} images")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from umr.visuals import to_uint8
 
 F.define_test_flags()
 flags.DEFINE_enum("mode", "flow", ["flow", "cam"], "Transfer through texture flows (flow) or cameras (cam).")
-flags.DEFINE_integer("number_pairs", 1000, "Image pairs (the README of the original used 10000).")
+flags.DEFINE_integer("number_pairs", 1000, "Image pairs (the README of the original used 10000).", lower_bound=1)
 flags.DEFINE_integer("pair_seed", None, "Seed of the pair draw (default: the data set size, as the original).")
 flags.DEFINE_float("sigma", 3.0, "Heat-map sigma (pixels) of the flow mode.")
 flags.DEFINE_boolean("visualize", False, "Write source/target/prediction images.")
@@ -57,10 +57,12 @@ def main(_):
                          num_workers=FLAGS.n_data_workers)
     pck = PCKAccumulator(padding_frac=FLAGS.padding_frac)
     vis_dir = Path(FLAGS.results_vis_dir) / FLAGS.name
+    evaluated = 0
     for i, batch in enumerate(tqdm(loader, desc=f"test_kp ({FLAGS.mode})")):
         if FLAGS.max_eval_iter and i >= FLAGS.max_eval_iter:
             break
         n = batch["img"].shape[0]
+        evaluated += n
         flat = {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         flat["inds"] = torch.stack([torch.as_tensor(batch["inds"][0]), torch.as_tensor(batch["inds"][1])], 1).flatten()
         out = {k: v.view(n, 2, *v.shape[1:]) for k, v in predict(flat).items()}
@@ -79,12 +81,13 @@ def main(_):
                     target = draw(target, pred[j, vis[0] & vis[1]].cpu().numpy(), (255, 0, 0))
                     cv2.imwrite(str(vis_dir / f"pair_{i * n + j:05d}.png"), np.concatenate([source, target], 1)[..., ::-1])
     results = pck.result()
-    results.update(mode=FLAGS.mode, number_pairs=len(pairs), split=FLAGS.split, keypoints=list(KEYPOINTS))
-    path = write_results(FLAGS, f"test_kp_{FLAGS.mode}", results)
-    print(f"test_kp ({FLAGS.mode}): PCK.1 {results['PCK.1']:.4f}  PCK.15 {results['PCK.15']:.4f} over "
-          f"{len(pairs)} pairs -> {path}")
+    results.update(mode=FLAGS.mode, number_pairs=evaluated, number_pairs_requested=len(pairs), pair_seed=FLAGS.pair_seed,
+                   split=FLAGS.split, split_images=len(dataset), keypoints=list(KEYPOINTS))
     per_kp = results["per_keypoint"]["0.1"]
-    print("  " + "  ".join(f"{name} {v:.2f}" if v is not None else f"{name} -" for name, v in zip(KEYPOINTS, per_kp)))
+    write_results(FLAGS, f"test_kp_{FLAGS.mode}", results,
+                  f"test_kp ({FLAGS.mode}): PCK.1 {results['PCK.1']:.4f}  PCK.15 {results['PCK.15']:.4f} over {evaluated} "
+                  f"pairs{'' if evaluated == len(pairs) else f' (of {len(pairs)}: --max_eval_iter)'}\n  "
+                  + "  ".join(f"{name} {v:.2f}" if v is not None else f"{name} -" for name, v in zip(KEYPOINTS, per_kp)))
 
 
 if __name__ == "__main__":

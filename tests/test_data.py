@@ -145,15 +145,17 @@ def test_part_points_are_inside_the_part(synth):
 
 def test_keypoint_pairs_are_deterministic(synth):
     ds = dataset(synth, "test", img_size=32, scops_path=None)
-    a, b = KeypointPairs(ds, 7), KeypointPairs(ds, 7)
+    a, b = KeypointPairs(ds, 6), KeypointPairs(ds, 6)
     np.testing.assert_array_equal(a.first, b.first)
     np.testing.assert_array_equal(a.second, b.second)
     expected = np.random.RandomState(len(ds))
-    np.testing.assert_array_equal(a.first, expected.randint(len(ds), size=7))
-    c = KeypointPairs(ds, 7, seed=123)
+    np.testing.assert_array_equal(a.first, expected.randint(len(ds), size=6))
+    c = KeypointPairs(ds, 6, seed=123)
     assert not (np.array_equal(a.first, c.first) and np.array_equal(a.second, c.second))
     item = a[0]
     assert item["img"].shape == (2, 3, 32, 32) and item["kp"].shape == (2, 15, 3)
+    with pytest.raises(DataError, match="more than the 6 distinct ordered pairs of the split's 3 images"):
+        KeypointPairs(ds, 7)
 
 
 def test_generator_is_deterministic_and_mat_round_trips(tmp_path, synth):

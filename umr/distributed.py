@@ -30,6 +30,10 @@ class Context:
         return self.rank == 0
 
 
+class DeviceError(RuntimeError):
+    """The device asked for is not there; the message names the flag."""
+
+
 def setup(device: str = "auto") -> Context:
     """Pick the device ('auto': CUDA if available) and, under torchrun (WORLD_SIZE > 1), join the
     process group: NCCL on GPUs, gloo on CPU."""
@@ -38,7 +42,7 @@ def setup(device: str = "auto") -> Context:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but torch sees no CUDA device; use --device cpu or auto")
+        raise DeviceError("--device cuda was given but torch sees no CUDA device; use --device cpu or auto")
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

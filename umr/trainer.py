@@ -12,12 +12,22 @@
   optimiser, the position in the run and the RNG states, so ``--resume`` continues exactly.
 * A progress bar, scalars in ``loss_log.jsonl`` (and TensorBoard when installed), PNG visuals
   every ``display_freq`` iterations, visdom with ``display_visuals``. A NaN or inf loss stops
-  the run naming the loss term; the last good checkpoint stays.
+  the run naming the loss term; weights or optimiser state that are not finite are never
+  saved, so the last good checkpoint stays.
+* The run folder is locked while a run trains in it; a folder that already holds a run is
+  only continued (``resume``) or started over (``overwrite``), never silently mixed. Ctrl-C
+  saves a checkpoint at the end of the current iteration and stops (a second Ctrl-C stops at
+  once).
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -33,7 +43,30 @@ from umr import distributed as D
 from umr.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_file, model_config, numpy_rng_state, save_atomic
 from umr.checkpoints import set_numpy_rng_state
 
-__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "load_checkpoint"]
+__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "load_checkpoint", "RunError", "Interrupted",
+           "unwritable"]
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue as asked (folder in use, not writable, changed data
+    order); the message names the folder or flag and the fix."""
+
+
+class Interrupted(RuntimeError):
+    """Ctrl-C stopped the run; the message says where its checkpoint is."""
+
+
+def unwritable(folder: Path) -> Optional[str]:
+    """Make ``folder`` if needed and try writing a file in it: None if that works, else why not."""
+    try:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
 
 @dataclass
 class TrainSettings:
@@ -59,6 +92,7 @@ class TrainSettings:
     visdom_port: int = 8097
     device: str = "auto"
     resume: bool = False
+    overwrite: bool = False
     seed: int = 0
     n_data_workers: int = 4
     val_freq: int = 0
@@ -208,6 +242,8 @@ class Trainer:
         self.finished = False  # the run reached num_iter or num_epochs (saved: a finished run is not resumed)
         self._tensorboard = self._visdom = None
         self._loader = None
+        self._lock = None
+        self._interrupted = False
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -226,6 +262,7 @@ class Trainer:
             "iteration": self.iteration,
             "step": self.step,
             "finished": self.finished,
+            "data_order": self.data_order(),
             "previous_real": getattr(self.objective, "previous_real", None),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -236,7 +273,27 @@ class Trainer:
             **self.extra_state,
         }
 
+    def data_order(self) -> dict:
+        """What fixes the order of the training samples: a resume must see the same."""
+        return {"batch_size": self.s.batch_size, "seed": self.s.seed, "num_images": len(self.dataset),
+                "data_seed": getattr(self.dataset.dataset, "seed", None)}
+
+    def _state_is_finite(self) -> bool:
+        tensors = list(self.model.state_dict().values())
+        disc = self.objective.discriminator
+        if disc is not None:
+            tensors += list(disc.state_dict().values())
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
     def save(self, path: Path) -> None:
+        """Save a checkpoint, after checking that the weights and the optimiser state are finite
+        (a diverged update is never written over the last good checkpoint)."""
+        if not self._state_is_finite():  # identical on every process
+            kept = self.latest_path if self.latest_path.exists() else "none yet"
+            raise FloatingPointError(f"the weights or optimiser state are not finite after step {self.step} (epoch "
+                                     f"{self.epoch}); not saved. Last good checkpoint: {kept}")
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_atomic(self.state(), path)
@@ -247,6 +304,7 @@ class Trainer:
         if disc is not None and state.get("discriminator") is not None:
             disc.load_state_dict(state["discriminator"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._check_data_order(state.get("data_order"))
         self.epoch, self.iteration, self.step = state["epoch"], state["iteration"], state["step"]
         if state.get("previous_real") is not None and hasattr(self.objective, "previous_real"):
             self.objective.previous_real = state["previous_real"].to(self.ctx.device, self.dtype)
@@ -256,6 +314,70 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         set_numpy_rng_state(rng["numpy"])
         random.setstate(rng["python"])
+
+    def _check_data_order(self, saved) -> None:
+        if not saved:
+            return
+        now = self.data_order()
+        names = {"batch_size": "--batch_size", "seed": "--seed", "data_seed": "--data_seed",
+                 "num_images": "the training split's size"}
+        for key, flag in names.items():
+            if key in saved and saved[key] != now[key]:
+                raise RunError(f"--resume: {self.latest_path} was trained with {flag} {saved[key]}, this run has "
+                               f"{now[key]}; the remaining samples of the epoch would differ. Resume with the same "
+                               f"{flag}, or start a new run (another --name, or --overwrite)")
+
+    # ---------------------------------------------------------------- run folder
+    def _take_run_dir(self) -> None:
+        """Main process: make the run folder (and the visuals folder), check that they are
+        writable, lock the run folder, and refuse one that holds a run unless resuming or
+        overwriting."""
+        for folder, flag in ((self.run_dir, "--checkpoint_dir"), (self.vis_dir, "--vis_dir")):
+            why = None if folder == self.vis_dir and not self.s.display_freq else unwritable(folder)
+            if why:
+                raise RunError(f"cannot write to {folder} ({why}); set {flag} to a writable folder")
+        self._lock = open(self.run_dir / ".lock", "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            self._lock = None
+            raise RunError(f"{self.run_dir} is in use by a training run ({holder}); wait for it to end, or train "
+                           "under another --name") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"pid {os.getpid()}\n")
+        self._lock.flush()
+        outputs = [self.latest_path, self.run_dir / "loss_log.jsonl", *self.run_dir.glob("pred_net_*.pth")]
+        existing = [p for p in outputs if p.exists()]
+        if existing and not self.s.resume:
+            if not self.s.overwrite:
+                raise RunError(f"{self.run_dir} already holds a run ({', '.join(sorted({p.name for p in existing}))}); "
+                               "pass --resume to continue it, or --overwrite to start it over")
+            for path in existing + [self.run_dir / "curves.png"]:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+        if self.ctx.is_main:
+            tqdm.write(f"{self.s.name}: stopping after this iteration to save a checkpoint (Ctrl-C again to stop now)")
+
+    def _stop_if_interrupted(self) -> None:
+        flag = D.all_reduce_sum(torch.tensor([float(self._interrupted)], device=self.ctx.device))
+        if flag.item() > 0:
+            self.save(self.latest_path)
+            raise Interrupted(f"interrupted at step {self.step} (epoch {self.epoch}); checkpoint saved to "
+                              f"{self.latest_path}; continue with the same command and --resume")
 
     # ---------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
@@ -363,6 +485,21 @@ class Trainer:
                                      f"Last good checkpoint: {kept}")
 
     def run(self) -> None:
+        """Train (see the class docstring); the run folder is locked meanwhile, and Ctrl-C stops
+        at the end of the iteration with a checkpoint (:class:`Interrupted`)."""
+        if self.ctx.is_main:
+            self._take_run_dir()
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            self._run()
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+            self._release_run_dir()
+
+    def _run(self) -> None:
         s = self.s
         if s.resume:
             if not self.latest_path.exists():
@@ -378,38 +515,42 @@ class Trainer:
             bar = tqdm(total=total_batches, initial=skip, desc=f"{s.name} epoch {epoch}", disable=not self.ctx.is_main,
                        dynamic_ncols=True)
             self.step_module.train()
-            for batch in loader:
-                batch = _to_device(batch, self.ctx.device, self.dtype)
-                self.step += 1
-                lr = s.learning_rate / (1 + 5e-4 * self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                total, terms, out = self.step_module(batch, epoch)
-                self._check_finite(terms)
-                (total / s.optim_bs).backward()
-                if self.step % s.optim_bs == 0:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                self.iteration += 1
-                bar.update()
-                if self.step % max(1, s.print_freq) == 0 or self.iteration == total_batches:
-                    scalars = {k: float(v.detach()) for k, v in terms.items()}
-                    bar.set_postfix(total=f"{float(total.detach()):.3f}", **{k: f"{scalars[k]:.3f}" for k in ("mask", "texture") if k in scalars})
-                    self._log({"epoch": epoch, "iteration": self.iteration, "step": self.step, "lr": lr,
-                               "total": float(total.detach()), **scalars, "time": time.time() - start})
-                if s.display_freq and self.step % s.display_freq == 0:
-                    self._visuals(out, batch)
-                if s.val_freq and self.step % s.val_freq == 0:
-                    self._run_validation()
-                if s.save_latest_freq and self.step % s.save_latest_freq == 0:
-                    self.save(self.latest_path)
-                if s.num_iter and self.step >= s.num_iter:
-                    bar.close()
-                    self.finished = True
-                    self.save(self.latest_path)
-                    self._run_validation()
-                    return
-            bar.close()
+            try:  # the bar is closed on any error, so that its message starts a line
+                for batch in loader:
+                    batch = _to_device(batch, self.ctx.device, self.dtype)
+                    self.step += 1
+                    lr = s.learning_rate / (1 + 5e-4 * self.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    total, terms, out = self.step_module(batch, epoch)
+                    self._check_finite(terms)
+                    (total / s.optim_bs).backward()
+                    if self.step % s.optim_bs == 0:
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    self.iteration += 1
+                    bar.update()
+                    if self.step % max(1, s.print_freq) == 0 or self.iteration == total_batches:
+                        scalars = {k: float(v.detach()) for k, v in terms.items()}
+                        bar.set_postfix(total=f"{float(total.detach()):.3f}", **{k: f"{scalars[k]:.3f}" for k in ("mask", "texture") if k in scalars})
+                        self._log({"epoch": epoch, "iteration": self.iteration, "step": self.step, "lr": lr,
+                                   "total": float(total.detach()), **scalars, "time": time.time() - start})
+                    if s.display_freq and self.step % s.display_freq == 0:
+                        self._visuals(out, batch)
+                    if s.val_freq and self.step % s.val_freq == 0:
+                        self._run_validation()
+                    if s.save_latest_freq and self.step % s.save_latest_freq == 0:
+                        self.save(self.latest_path)
+                    if self._interrupted or self.ctx.distributed:
+                        self._stop_if_interrupted()
+                    if s.num_iter and self.step >= s.num_iter:
+                        bar.close()
+                        self.finished = True
+                        self.save(self.latest_path)
+                        self._run_validation()
+                        return
+            finally:
+                bar.close()
             if self.end_of_epoch is not None:
                 self.end_of_epoch(self, epoch)
             self.epoch, self.iteration = epoch + 1, 0
