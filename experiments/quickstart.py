@@ -20,8 +20,9 @@ a slimmer decoder (plenty for 64-px images, ~2.5x faster stage-1 steps); a 20x t
 weight, so the texture flow learns where faces are in minutes (the original relied on the
 perceptual loss over days); the latent noise starting small (``--logvar_init``); the stage-1
 camera starting at the side view of the first stage-2 hypothesis (``--side_view_init``),
-with the orientation prior on for the first epoch (quick, as the original) or all of stage 1
-(long: after a thousand iterations without it, stage 2 collapsed to front views); a tenth of
+with the orientation prior on for all of stage 1 (the original: 3 of ~100 epochs; with it on
+for one epoch the quick template came out a wide, flat disc, and in the long recipe, after a
+thousand iterations without it, stage 2 collapsed to front views); a tenth of
 the stage-1 deformation prior's weight (0.5: at 5, once it switches on, it pulls every shape
 back to the template, and validation IoU fell from 0.72 to 0.59); template updates every few
 epochs of a few hundred images; the semantic template read through stage 1's meshes and
@@ -44,9 +45,9 @@ from data.cub import CUBDataset
 
 # name: (data, stage 1, stage 2, evaluation) sizes
 RECIPES = {
-    "quick": dict(num_train=640, num_val=50, num_test=100, s1_epochs=6, ori_epochs=1, template_every=2, s1_batch=16,
-                  s2_iters=300, s2_batch=8, number_pairs=200),
-    "long": dict(num_train=3000, num_val=100, num_test=200, s1_epochs=4, ori_epochs=4, template_every=2, s1_batch=16,
+    "quick": dict(num_train=640, num_val=50, num_test=100, s1_epochs=12, template_every=2, s1_batch=16,
+                  s2_iters=400, s2_batch=8, number_pairs=200),
+    "long": dict(num_train=3000, num_val=100, num_test=200, s1_epochs=4, template_every=2, s1_batch=16,
                  s2_iters=3000, s2_batch=8, number_pairs=1000),
 }
 
@@ -138,7 +139,7 @@ def main(_):
     s1_name, s2_name = f"{FLAGS.recipe}_s1", f"{FLAGS.recipe}_s2"
     train("stage 1", "experiments.train_s1", s1_name, f"--batch_size={recipe['s1_batch']}",
           f"--num_epochs={recipe['s1_epochs']}", f"--update_template_freq={recipe['template_every']}",
-          f"--stop_ori_epoch={recipe['ori_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3")
+          f"--stop_ori_epoch={recipe['s1_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3")
     s1 = snapshots / s1_name
     stemp = s1 / "semantic_template"
     if (stemp / "mean_v.pth").is_file() and (stemp / "vertices_idx" / "back_vertices.npy").is_file():
