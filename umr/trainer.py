@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from umr import distributed as D
-from umr.checkpoints import CHECKPOINT_FORMAT, CheckpointError, load_file, model_config, numpy_rng_state, save_atomic
-from umr.checkpoints import set_numpy_rng_state
+from umr.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, load_file, model_config, numpy_rng_state, save_atomic,
+                             set_numpy_rng_state)
 
 __all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "load_checkpoint", "RunError", "Interrupted",
            "unwritable"]
@@ -67,6 +67,7 @@ def unwritable(folder: Path) -> Optional[str]:
     except OSError as err:
         return err.strerror or str(err)
     return None
+
 
 @dataclass
 class TrainSettings:
@@ -487,12 +488,12 @@ class Trainer:
     def run(self) -> None:
         """Train (see the class docstring); the run folder is locked meanwhile, and Ctrl-C stops
         at the end of the iteration with a checkpoint (:class:`Interrupted`)."""
-        if self.ctx.is_main:
-            self._take_run_dir()
         handler = None
         if threading.current_thread() is threading.main_thread():
             handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
+            if self.ctx.is_main:
+                self._take_run_dir()
             self._run()
         finally:
             if handler is not None:
