@@ -1,4 +1,4 @@
-"""Soft-rasterizer speed on CPU; prints one JSON line.
+"""Soft-rasterizer speed on the CPU or a CUDA device; prints one JSON line.
 
 R1: 8 bird-like meshes of 1280 faces (icosphere level 3, deformed), UMR camera filling ~70 %
 of the frame, 256 x 256 raster (no supersampling), euclidean + softmax + prod, UMR's sigma /
@@ -8,7 +8,10 @@ scaling_image: R1 forward + backward ms at 64..512 px; scaling_faces: at 320/128
 r1_per_pixel_ms: R1 forward + backward with the SIMD lanes off (RasterSettings.vectorize=False,
 the per-pixel math of the CUDA kernel), for comparison with scaling_image["256"].
 
-    python -m benchmarks.bench_rasterizer [--repeats 7]
+    python -m benchmarks.bench_rasterizer [--repeats 7] [--device cpu|cuda]
+
+On CUDA the timings wait for the device (``torch.cuda.synchronize``) and the JSON adds
+``peak_gpu_mem_gib``; ``r1_per_pixel_ms`` equals the plain path there (one CUDA kernel).
 """
 from __future__ import annotations
 
@@ -37,24 +40,34 @@ def bird_blobs(batch: int, subdivisions: int, seed: int = 0):
     quats = axis_angle_to_quat(torch.tensor([0.0, 1.0, 0.2]).expand(batch, 3), azimuth)
     cams = torch.cat([torch.full((batch, 1), 0.62), 0.1 * (torch.rand(batch, 2, generator=g) - 0.5), quats], 1)
     screen = orthographic_proj_withz(shapes, cams, offset_z=5.0 + 2.732) * torch.tensor([1.0, -1.0, 1.0])
-    return gather_face_vertices(screen, torch.from_numpy(faces)).contiguous()
+    return gather_face_vertices(screen, torch.from_numpy(faces)).contiguous().to(DEVICE)
 
 
 def textures_for(face_vertices, texels=36, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(*face_vertices.shape[:2], texels, 3, generator=g)
+    return torch.rand(*face_vertices.shape[:2], texels, 3, generator=g).to(face_vertices.device)
 
 
 def settings(size: int, vectorize: bool = True) -> RasterSettings:
     return RasterSettings(image_size=size, sigma_val=1e-5, gamma_val=1e-4, dist_eps=1e-10, vectorize=vectorize)
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def time_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
@@ -73,7 +86,7 @@ def pairs_in_radius(face_vertices, s: RasterSettings) -> int:
     S = s.image_size
     threshold = torch.log(torch.tensor(1 / s.dist_eps - 1)) * s.sigma_val
     margin = float(threshold.sqrt())
-    xs = (2 * torch.arange(S) + 1 - S).float() / S
+    xs = (2 * torch.arange(S, device=fv.device) + 1 - S).float() / S
     x, y = fv[..., 0], fv[..., 1]
     lo_x, hi_x = x.min(-1).values - margin, x.max(-1).values + margin
     lo_y, hi_y = y.min(-1).values - margin, y.max(-1).values + margin
@@ -85,7 +98,14 @@ def pairs_in_radius(face_vertices, s: RasterSettings) -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     torch.manual_seed(0)
 
     r1 = bird_blobs(8, 3)
@@ -101,8 +121,10 @@ def main():
 
     def r1_backward():
         image = soft_rasterize(fv, tex, s256).image
+        sync()
         start = time.perf_counter()
         image.sum().backward()
+        sync()
         return (time.perf_counter() - start) * 1000
 
     forward_ms = time_ms(r1_forward, args.repeats)
@@ -141,6 +163,9 @@ def main():
                 "scaling_faces": scaling_faces,
                 "r1_per_pixel_ms": round(per_pixel_ms, 2),
                 "threads": torch.get_num_threads(),
+                "device": str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE),
+                **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(DEVICE) / 2**30, 3)}
+                   if DEVICE.type == "cuda" else {}),
             }
         )
     )

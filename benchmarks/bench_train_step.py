@@ -13,7 +13,10 @@ and train_s2 iteration at 64 px, batch 16 (the quick-start's setting). ``--uv_he
 ``--uv_channels`` size the texture-flow network as the training flags of the same names.
 
     python -m benchmarks.bench_train_step [--iters 6] [--img_size 128] [--batch_size 8] [--no_64]
-        [--uv_height 32 --uv_channels 64]
+        [--uv_height 32 --uv_channels 64] [--device cpu|cuda]
+
+On CUDA every timed span waits for the device (``torch.cuda.synchronize``), so the shares are
+of device time too, and the JSON adds ``peak_gpu_mem_gib``.
 """
 from __future__ import annotations
 
@@ -34,7 +37,14 @@ from umr.distributed import Context
 from umr.losses import PART_NAMES
 from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
-from umr.trainer import Trainer, TrainSettings
+from umr.trainer import Trainer, TrainSettings, _to_device
+
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 class Clock:
@@ -48,10 +58,12 @@ class Clock:
 
     def wrap(self, key, fn):
         def timed(*args, **kwargs):
+            sync()
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                sync()
                 self.add(key, time.perf_counter() - start)
 
         return timed
@@ -76,7 +88,7 @@ def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_heig
         objective = Stage2Objective(model, config, labels, parts, Discriminator(0.2, 3, img_size))
     settings = TrainSettings(batch_size=batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
                              vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)
-    return Trainer(settings, model, objective, dataset, Context(0, 1, 0, torch.device("cpu")))
+    return Trainer(settings, model, objective, dataset, Context(0, 1, 0, DEVICE))
 
 
 def seconds_per_iteration(trainer: Trainer, iters: int) -> float:
@@ -84,11 +96,13 @@ def seconds_per_iteration(trainer: Trainer, iters: int) -> float:
     loader = iter(trainer.loader(0))
     times = []
     for it in range(iters + 1):
+        sync()
         start = time.perf_counter()
-        total, _, _ = trainer.step_module(next(loader), 0)
+        total, _, _ = trainer.step_module(_to_device(next(loader), DEVICE), 0)
         total.backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        sync()
         if it:  # the first is a warm-up
             times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -102,7 +116,12 @@ def main():
     parser.add_argument("--uv_height", type=int, default=0, help="texture-flow network size (0: UMR's 128)")
     parser.add_argument("--uv_channels", type=int, default=256, help="texture-flow decoder channels (UMR's 256)")
     parser.add_argument("--no_64", action="store_true", help="skip the 64-px stage-1 / stage-2 timings")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="umr_bench_"))
     synth_birds.generate(work, seed=0, photo_size=256, workers=1, progress=False,
@@ -124,11 +143,17 @@ def main():
     marks = {}
 
     def encoder_timed(img):
+        sync()
         start = time.perf_counter()
         outputs = encoder_forward(img)
+        sync()
         clock.add("encoder_fwd", time.perf_counter() - start)
-        for t in outputs:  # the encoder's backward starts once all its outputs have their gradient
-            t.register_hook(lambda g: marks.__setitem__("encoder_bwd_start", time.perf_counter()))
+        def backward_starts(grad):  # the encoder's backward starts once all its outputs have their gradient
+            sync()
+            marks["encoder_bwd_start"] = time.perf_counter()
+
+        for t in outputs:
+            t.register_hook(backward_starts)
         return outputs
 
     model.encoder.forward = encoder_timed
@@ -139,15 +164,20 @@ def main():
     step_times, records = [], []
     for it in range(args.iters + 1):
         clock.totals.clear()
+        sync()
         start = time.perf_counter()
-        batch = next(loader)
+        batch = _to_device(next(loader), DEVICE)
+        sync()
         t_data = time.perf_counter() - start
         total, terms, out = trainer.step_module(batch, 0)
+        sync()
         t_backward = time.perf_counter()
         total.backward()
+        sync()
         t_backward_end = time.perf_counter()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+        sync()
         elapsed = time.perf_counter() - start
         if it == 0:
             continue  # warm-up
@@ -175,6 +205,9 @@ def main():
         "uv_height": model.texture_predictor.uv_height,
         "uv_channels": args.uv_channels,
         "threads": torch.get_num_threads(),
+        "device": str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE),
+        **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(DEVICE) / 2**30, 3)}
+           if DEVICE.type == "cuda" else {}),
     }))
 
 

@@ -1,7 +1,25 @@
 """Shared fixtures."""
 import pytest
+import torch
 
 from data import synth_birds
+
+
+def cuda_ready() -> bool:
+    """A CUDA device that torch sees, and a build of the rasterizer with the CUDA kernel."""
+    import umr
+
+    return torch.cuda.is_available() and "cuda" in umr.available_kernels()
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
+                                   pytest.mark.skipif(not cuda_ready(), reason="no CUDA device or CUDA kernel")])
+
+
+@pytest.fixture(params=["cpu", CUDA])
+def device(request) -> torch.device:
+    """Each available device: the CPU, and CUDA where there is one (marked ``cuda``)."""
+    return torch.device(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,13 @@ def random_textures(fv, kind, seed, res=4):
 MODES = list(itertools.product(["euclidean", "barycentric", "hard"], ["softmax", "hard"], ["prod", "sum", "hard"]))
 
 
+def on(device, vectorize, *tensors):
+    """The tensors on ``device``; skips the per-pixel variant on CUDA (one kernel there)."""
+    if device.type == "cuda" and not vectorize:
+        pytest.skip("CUDA has one path: the per-pixel math")
+    return [t.to(device) for t in tensors]
+
+
 def assert_outputs_close(out, ref, atol):
     torch.testing.assert_close(out.image, ref.image, atol=atol, rtol=0)
     assert torch.equal(out.face_index, ref.face_index)
@@ -53,9 +60,9 @@ def assert_outputs_close(out, ref, atol):
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("texture_type", ["surface", "vertex"])
 @pytest.mark.parametrize("dist,rgb,alpha", MODES)
-def test_forward_matches_reference(dtype, atol, texture_type, dist, rgb, alpha, vectorize):
+def test_forward_matches_reference(dtype, atol, texture_type, dist, rgb, alpha, vectorize, device):
     fv = random_faces(2, 40, seed=1, dtype=dtype)
-    tex = random_textures(fv, texture_type, seed=2)
+    fv, tex = on(device, vectorize, fv, random_textures(fv, texture_type, seed=2))
     for params in (SOFT, UMR):
         settings = RasterSettings(
             image_size=40, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type,
@@ -66,7 +73,7 @@ def test_forward_matches_reference(dtype, atol, texture_type, dist, rgb, alpha, 
 
 @pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("dist", ["euclidean", "barycentric", "hard"])
-def test_small_and_sliver_faces_match_reference(dist, vectorize):
+def test_small_and_sliver_faces_match_reference(dist, vectorize, device):
     """Faces of a few pixels, slivers and faces with far-off vertices: the kernel skips most of
     such a face's bounding box by its per-row cull spans, which must drop no pixel that counts."""
     g = torch.Generator().manual_seed(11)
@@ -76,7 +83,7 @@ def test_small_and_sliver_faces_match_reference(dist, vectorize):
     xy[:, :10, 2] = xy[:, :10, 0] + (xy[:, :10, 1] - xy[:, :10, 0]) * 1.5 + 1e-4  # slivers
     xy[:, 10:15, 0] = xy[:, 10:15, 0] * 300.0  # one vertex far off the raster
     fv = torch.cat([xy, torch.rand(B, F, 3, 1, generator=g, dtype=torch.float64) * 4 + 2], dim=-1)
-    tex = random_textures(fv, "surface", seed=3)
+    fv, tex = on(device, vectorize, fv, random_textures(fv, "surface", seed=3))
     for params in (SOFT, UMR):
         settings = RasterSettings(image_size=64, dist_func=dist, return_p2f=True, vectorize=vectorize, **params)
         assert_outputs_close(soft_rasterize(fv, tex, settings), soft_rasterize_reference(fv, tex, settings), 1e-9)
@@ -87,9 +94,9 @@ def test_small_and_sliver_faces_match_reference(dist, vectorize):
 
 
 @pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
-def test_forward_options_match_reference(vectorize):
+def test_forward_options_match_reference(vectorize, device):
     fv = random_faces(2, 30, seed=3)
-    tex = random_textures(fv, "surface", seed=4, res=6)
+    fv, tex = on(device, vectorize, fv, random_textures(fv, "surface", seed=4, res=6))
     for settings in (
         RasterSettings(image_size=33, double_side=False, **SOFT),  # odd size, front faces only
         RasterSettings(image_size=24, near=3.0, far=6.0, **SOFT),  # near/far cut faces
@@ -121,7 +128,7 @@ def test_p2f_is_zero_in_hard_rgb_mode():
 
 def kernel_and_reference_grads(fv, tex, settings, seed=7):
     grad_out = torch.randn(fv.shape[0], 4, settings.image_size, settings.image_size, dtype=fv.dtype,
-                           generator=torch.Generator().manual_seed(seed))
+                           generator=torch.Generator().manual_seed(seed)).to(fv.device)
     grads = []
     for fn in (soft_rasterize, soft_rasterize_reference):
         fv_, tex_ = fv.clone().requires_grad_(), tex.clone().requires_grad_()
@@ -133,9 +140,9 @@ def kernel_and_reference_grads(fv, tex, settings, seed=7):
 @pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("texture_type", ["surface", "vertex"])
 @pytest.mark.parametrize("dist,rgb,alpha", MODES)
-def test_backward_matches_reference(texture_type, dist, rgb, alpha, vectorize):
+def test_backward_matches_reference(texture_type, dist, rgb, alpha, vectorize, device):
     fv = random_faces(2, 40, seed=8)
-    tex = random_textures(fv, texture_type, seed=9)
+    fv, tex = on(device, vectorize, fv, random_textures(fv, texture_type, seed=9))
     for params in (SOFT, UMR):
         settings = RasterSettings(
             image_size=32, dist_func=dist, aggr_func_rgb=rgb, aggr_func_alpha=alpha, texture_type=texture_type,
@@ -151,10 +158,10 @@ def test_backward_matches_reference(texture_type, dist, rgb, alpha, vectorize):
 
 @pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
 @pytest.mark.parametrize("dist", ["euclidean", "barycentric"])
-def test_rgb_without_geometry_gradient(dist, vectorize):
+def test_rgb_without_geometry_gradient(dist, vectorize, device):
     # rgb_geometry_grad=False: RGB gradients reach the textures only, alpha's reach the geometry
     fv = random_faces(2, 30, seed=22)
-    tex = random_textures(fv, "surface", seed=23)
+    fv, tex = on(device, vectorize, fv, random_textures(fv, "surface", seed=23))
     settings = RasterSettings(image_size=24, dist_func=dist, rgb_geometry_grad=False, vectorize=vectorize, **SOFT)
     (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
     scale = ref_fv.abs().max()
@@ -174,9 +181,9 @@ def test_rgb_without_geometry_gradient(dist, vectorize):
 
 
 @pytest.mark.parametrize("vectorize", [True, False])  # SIMD lanes / the per-pixel (CUDA) math
-def test_backward_float32_matches_reference(vectorize):
+def test_backward_float32_matches_reference(vectorize, device):
     fv = random_faces(2, 40, seed=10, dtype=torch.float32)
-    tex = random_textures(fv, "surface", seed=11)
+    fv, tex = on(device, vectorize, fv, random_textures(fv, "surface", seed=11))
     settings = RasterSettings(image_size=32, vectorize=vectorize, **SOFT)
     (kernel_fv, kernel_tex), (ref_fv, ref_tex) = kernel_and_reference_grads(fv, tex, settings)
     scale, tex_scale = ref_fv.abs().max(), ref_tex.abs().max()
@@ -219,10 +226,10 @@ def test_gradcheck_surface_texels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_binned_equals_unbinned(dtype):
+def test_binned_equals_unbinned(dtype, device):
     fv = random_faces(3, 300, seed=15, dtype=dtype)
-    tex = random_textures(fv, "surface", seed=16)
-    grad_out = torch.randn(3, 4, 80, 80, dtype=dtype, generator=torch.Generator().manual_seed(17))
+    fv, tex = on(device, True, fv, random_textures(fv, "surface", seed=16))
+    grad_out = torch.randn(3, 4, 80, 80, dtype=dtype, generator=torch.Generator().manual_seed(17)).to(device)
     results = []
     for binning in (True, False):
         settings = RasterSettings(image_size=80, binning=binning, return_p2f=True, **UMR)
