@@ -15,7 +15,7 @@ import torch
 from data.cub import CUBDataset, DataError
 from data.synth_birds import canonical_camera
 from umr import distributed as D
-from umr.checkpoints import CheckpointError, ModelCheckpoint, load_weights, read_model_checkpoint
+from umr.checkpoints import ARCHITECTURE_FLAGS, CheckpointError, ModelCheckpoint, load_weights, read_model_checkpoint
 from umr.evaluation import Validator, oracle_texture_flow, predict, with_render
 from umr.losses import SemanticTemplateError
 from umr.nets import MeshNet, PretrainedWeightsMissing
@@ -142,10 +142,6 @@ def build_validator(flags, device) -> "Validator | None":
     renderer = SoftRenderer(flags.image_size).ambient_light_only().to(device)
     return Validator(items, torch.from_numpy(np.stack([first, second], 1)), renderer, truth,
                      padding_frac=flags.padding_frac)
-
-
-# Flags that shape the network: a checkpoint's own values win when the model is rebuilt from it.
-ARCHITECTURE_FLAGS = ("nz_feat", "z_dim", "num_hypo_cams", "tex_size", "subdivide", "axis", "uv_height", "uv_channels")
 
 
 def build_model(flags, stage: int, mean_shape=None) -> MeshNet:

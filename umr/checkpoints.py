@@ -27,10 +27,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from umr.quirks import ORIGINAL_MODEL_QUIRKS, Quirks
+from umr.quirks import ORIGINAL_MODEL_QUIRKS
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "ARCHITECTURE_FLAGS",
     "CheckpointError",
     "ModelCheckpoint",
     "load_file",
@@ -43,6 +44,8 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "umr-train-1"
+# MeshNet's arguments (and training flags) that shape the network, besides its stage
+ARCHITECTURE_FLAGS = ("nz_feat", "z_dim", "num_hypo_cams", "tex_size", "subdivide", "axis", "uv_height", "uv_channels")
 
 # Parameters the original created but never used (spec §5.4): in its stage-2 checkpoints only.
 ORIGINAL_DEAD_KEYS = tuple(
@@ -171,17 +174,11 @@ def read_model_checkpoint(path_or_state, flag: str = "--model_path") -> ModelChe
     if raw.get("format") == CHECKPOINT_FORMAT and isinstance(raw.get("model"), dict):
         flags = raw.get("flags") if isinstance(raw.get("flags"), dict) else {}
         config = raw.get("model_config")
-        if isinstance(config, dict):
-            arch = {k: v for k, v in config.items() if k != "quirks"}
-            quirks = dict(config.get("quirks") or {})
-        else:  # written before checkpoints recorded their model: its training flags tell
-            arch = {k: flags[k] for k in ("img_size", "nz_feat", "z_dim", "num_hypo_cams", "tex_size", "subdivide",
-                                          "axis", "uv_height", "uv_channels") if k in flags}
-            arch["stage"] = raw.get("stage")
-            quirks = Quirks.from_names(flags.get("quirks") or [], bool(flags.get("compat"))).model_quirks()
-        stage = arch.get("stage") or raw.get("stage")
+        stage = config.get("stage") if isinstance(config, dict) else None
         if stage not in (1, 2):
-            raise CheckpointError(f"{flag} {path}: a umr training checkpoint that does not say its stage")
+            raise CheckpointError(f"{flag} {path}: a umr training checkpoint without its model's configuration")
+        arch = {k: v for k, v in config.items() if k != "quirks"}
+        quirks = dict(config.get("quirks") or {})
         return ModelCheckpoint(path, "umr", int(stage), _strip(raw["model"]), arch, quirks, flags)
     state = _strip(raw["model"] if isinstance(raw.get("model"), dict) else raw)
     if not _is_state_dict(state):
