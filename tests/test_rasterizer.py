@@ -8,7 +8,7 @@ import torch
 
 from umr import _C
 from umr.renderer import RasterSettings, soft_rasterize
-from umr.rasterizer_reference import soft_rasterize_reference
+from umr.rasterizer_reference import kept_pairs_reference, soft_rasterize_reference
 
 UMR = dict(sigma_val=1e-5, gamma_val=1e-4, dist_eps=1e-10)  # the values UMR renders with
 SOFT = dict(sigma_val=1e-3, gamma_val=1e-2, dist_eps=1e-10)  # well-conditioned, for gradients
@@ -243,6 +243,51 @@ def test_binned_equals_unbinned(dtype, device):
     scale, tex_scale = d_fv.abs().max(), d_tex.abs().max()
     torch.testing.assert_close(g_fv / scale, d_fv / scale, atol=1e-6, rtol=0)
     torch.testing.assert_close(g_tex / tex_scale, d_tex / tex_scale, atol=1e-6, rtol=0)
+
+
+def reference_bins(ranges, num_tiles):
+    """Per tile (b, ty, tx) the ascending faces whose pixel range (c_lo, c_hi, r_lo, r_hi) reaches it."""
+    B, F = ranges.shape[:2]
+    T = _C.tile_size
+    ty = torch.arange(num_tiles)[:, None]
+    tx = torch.arange(num_tiles)[None, :]
+    lists = []
+    for b in range(B):
+        c_lo, c_hi, r_lo, r_hi = (ranges[b, :, k, None, None] for k in range(4))
+        reaches = (c_lo <= c_hi) & (r_lo <= r_hi) & (c_hi >= tx * T) & (c_lo < (tx + 1) * T) \
+            & (r_hi >= ty * T) & (r_lo < (ty + 1) * T)  # (F, nt, nt)
+        for t in range(num_tiles * num_tiles):
+            lists.append(torch.nonzero(reaches.reshape(F, -1)[:, t]).flatten().to(torch.int32))
+    return lists
+
+
+@pytest.mark.parametrize("dist", ["euclidean", "barycentric", "hard"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_binning_and_cull_visit_every_kept_pair(dist, dtype, device):
+    """The tile lists and cull spans of rasterize_tiles.h, which both kernels use: bins equal a
+    Python re-computation from the face ranges (whichever device built them), and the pairs the
+    spans let through include every pair the dense reference's coverage test keeps."""
+    S = 70  # not a multiple of the tile size: partial tiles at the edges
+    fv = random_faces(2, 200, seed=21, dtype=dtype)
+    fv[0, 6, 0, 0] = float("nan")  # never rasterized: empty range
+    fv[1, 7, :, :2] += 5.0  # off the raster
+    settings = RasterSettings(image_size=S, dist_func=dist, **SOFT)
+    kept = kept_pairs_reference(fv, settings)
+    (fv_dev, tex) = on(device, True, fv, random_textures(fv, "surface", seed=22))
+    out = _C.forward(fv_dev, tex, *settings._kernel_args(), False, True, True, True)
+    info, ranges, offsets, faces = (t.cpu() for t in out[6:10])
+    nt = -(-S // _C.tile_size)
+    assert offsets.shape == (2 * nt * nt + 1,) and offsets[0] == 0
+    expected = reference_bins(ranges, nt)
+    for tile, faces_expected in enumerate(expected):
+        assert torch.equal(faces[offsets[tile]:offsets[tile + 1]], faces_expected), f"tile {tile}"
+    assert (ranges[0, 6, 0] > ranges[0, 6, 1]) and (ranges[1, 7, 0] > ranges[1, 7, 1])
+    visited = _C.visited_pairs(info, ranges, offsets, faces, *settings._kernel_args())
+    assert kept.any() and not (kept & ~visited).any(), "a kept pair is culled by the binning"
+    in_ranges = sum(int((r[1] - r[0] + 1).clamp_min(0) * (r[3] - r[2] + 1).clamp_min(0)) for r in ranges.reshape(-1, 4))
+    # tight: the spans skip a quarter or more of the faces' pixel ranges, and pass at most twice
+    # the pairs that the coverage test keeps (they are widened by a column against rounding)
+    assert int(visited.sum()) < 0.75 * in_ranges and int(visited.sum()) < 2 * int(kept.sum())
 
 
 def test_simd_lanes_built_where_the_machine_has_avx2():

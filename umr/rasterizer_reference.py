@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from umr.renderer import RasterOutput, RasterSettings, _prepare_textures
 
-__all__ = ["soft_rasterize_reference"]
+__all__ = ["kept_pairs_reference", "soft_rasterize_reference"]
 
 _EMPTY_DEPTH = 1e7
 
@@ -62,16 +62,17 @@ def _sigmoid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, 1 / (1 + torch.exp(-x)), torch.zeros_like(x))
 
 
-def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, threshold, margin):
-    """Outputs for the pixels (px, py) (P,): image (B, 4, P), face_index, depth (B, P), p2f sums (B, F, 3)."""
+def _coverage(face_vertices, px, py, s: RasterSettings, threshold, margin):
+    """Coverage of the pixels (px, py) (P,) by every face: barycentrics w (B, P, F, 3), the
+    closed inside test and the pairs the cull keeps (B, P, F), and the coverage D (B, P, F)."""
     dtype = face_vertices.dtype
-    B, F = face_vertices.shape[:2]
     A, (xmin, xmax, ymin, ymax), front = _face_setup(face_vertices)
     X = px[None, :, None]  # (1, P, 1)
     Y = py[None, :, None]
     inbox = ~(
         (X > (xmax + margin)[:, None]) | (X < (xmin - margin)[:, None]) | (Y > (ymax + margin)[:, None]) | (Y < (ymin - margin)[:, None])
     )  # (B, P, F)
+    inbox = inbox & torch.isfinite(face_vertices).flatten(2).all(-1)[:, None]  # as the kernels: never rasterized
     w = torch.stack([A[:, None, :, k, 0] * X + A[:, None, :, k, 1] * Y + A[:, None, :, k, 2] for k in range(3)], -1)
     inside = ((w >= 0) & (w <= 1)).all(-1)
 
@@ -109,6 +110,15 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
         d2 = torch.gather(d2_edges, -1, nearest)[..., 0]
         valid = inbox & ~((sign < 0) & (d2.detach() >= threshold))
         D = _sigmoid(sign * d2 * (1.0 / s.sigma_val), valid)
+
+    return w, inside, valid, D, front
+
+
+def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, threshold, margin):
+    """Outputs for the pixels (px, py) (P,): image (B, 4, P), face_index, depth (B, P), p2f sums (B, F, 3)."""
+    dtype = face_vertices.dtype
+    B, F = face_vertices.shape[:2]
+    w, inside, valid, D, front = _coverage(face_vertices, px, py, s, threshold, margin)
 
     if s.aggr_func_alpha == "prod":
         alpha = _ProdAlpha.apply(D)
@@ -186,6 +196,31 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
     return image, face_index, depth, p2f
 
 
+def _cull_radius(s: RasterSettings, dtype):
+    """tau = ln(1/dist_eps - 1) * sigma on the squared distance, in the kernels' precision, and
+    the bounding-box margin sqrt(tau)."""
+    threshold = torch.tensor(math.log(1 / s.dist_eps - 1), dtype=dtype) * torch.tensor(s.sigma_val, dtype=dtype)
+    return threshold.item(), torch.sqrt(threshold).item()
+
+
+def _pixel_grid(S: int, dtype, device):
+    """Row, column and screen coordinates (x right, y up) of the S x S pixel centres, row-major."""
+    pixel = torch.arange(S * S, device=device)
+    rows, cols = pixel // S, pixel % S
+    return rows, cols, (2 * cols + 1 - S).to(dtype) / S, (S - 1 - 2 * rows).to(dtype) / S
+
+
+@torch.no_grad()
+def kept_pairs_reference(face_vertices: torch.Tensor, settings: RasterSettings = RasterSettings()) -> torch.Tensor:
+    """(B, F, S, S) bool: the (face, pixel) pairs the coverage test keeps (the others are culled:
+    no alpha, RGB or gradient), computed densely. Any binning and culling must visit all of them."""
+    S = settings.image_size
+    threshold, margin = _cull_radius(settings, face_vertices.dtype)
+    _, _, px, py = _pixel_grid(S, face_vertices.dtype, face_vertices.device)
+    valid = _coverage(face_vertices, px, py, settings, threshold, margin)[2]  # (B, P, F)
+    return valid.permute(0, 2, 1).reshape(*face_vertices.shape[:2], S, S)
+
+
 def soft_rasterize_reference(
     face_vertices: torch.Tensor,
     textures: Optional[torch.Tensor] = None,
@@ -198,13 +233,8 @@ def soft_rasterize_reference(
     dtype, device = face_vertices.dtype, face_vertices.device
     B, F = face_vertices.shape[:2]
     S = s.image_size
-    threshold = torch.tensor(math.log(1 / s.dist_eps - 1), dtype=dtype) * torch.tensor(s.sigma_val, dtype=dtype)
-    margin = torch.sqrt(threshold).item()
-    threshold = threshold.item()
-    pixel = torch.arange(S * S, device=device)
-    rows, cols = pixel // S, pixel % S
-    px = (2 * cols + 1 - S).to(dtype) / S
-    py = (S - 1 - 2 * rows).to(dtype) / S
+    threshold, margin = _cull_radius(s, dtype)
+    rows, cols, px, py = _pixel_grid(S, dtype, device)
     chunk = max(1, max_pairs_per_chunk // max(1, B * F))
     needs_grad = torch.is_grad_enabled() and (face_vertices.requires_grad or textures.requires_grad)
     images, indices, depths = [], [], []

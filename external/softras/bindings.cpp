@@ -130,6 +130,18 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_image, const at::Tensor&
                       bin_offsets, bin_faces, cfg);
 }
 
+at::Tensor visited_pairs(const at::Tensor& face_info, const at::Tensor& face_ranges, const at::Tensor& bin_offsets,
+                         const at::Tensor& bin_faces, int64_t image_size, const std::vector<double>& background,
+                         double near, double far, double eps, double sigma, double gamma, double dist_eps,
+                         int64_t dist_func, int64_t aggr_rgb, int64_t aggr_alpha, int64_t texture_type,
+                         bool double_side) {
+  for (const at::Tensor* t : {&face_info, &face_ranges, &bin_offsets, &bin_faces})
+    TORCH_CHECK(t->is_cpu() && t->is_contiguous(), "umr visited_pairs: needs contiguous CPU tensors");
+  const RasterConfig cfg = make_config(image_size, background, near, far, eps, sigma, gamma, dist_eps, dist_func,
+                                       aggr_rgb, aggr_alpha, texture_type, double_side, false, true, true, true);
+  return visited_pairs_cpu(face_info, face_ranges, bin_offsets, bin_faces, cfg);
+}
+
 // exp of a CPU tensor through the CPU kernel's vector lanes (for the tests: the one function of
 // rasterize_lanes.h that does not round exactly as the scalar math).
 at::Tensor lanes_exp(const at::Tensor& x) {
@@ -168,6 +180,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &umr::forward, "Soft rasterizer forward (see umr.renderer.soft_rasterize)");
   m.def("backward", &umr::backward, "Soft rasterizer backward");
   m.def("available_devices", &umr::available_devices, "Devices this build supports");
+  m.def("visited_pairs", &umr::visited_pairs,
+        "(face, pixel) pairs the kernels' shared binning and cull visit, from forward's bins (for tests)");
   m.def("lanes_exp", &umr::lanes_exp, "exp through the CPU kernel's SIMD lanes (for tests)");
   m.attr("cpu_simd") = umr::lanes::kAvailable;  // does RasterSettings.vectorize take effect here
   m.attr("tile_size") = umr::kTileSize;

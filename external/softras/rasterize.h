@@ -67,6 +67,11 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_image, const at::Ten
                                      const at::Tensor& face_info, const at::Tensor& face_ranges,
                                      const at::Tensor& bin_offsets, const at::Tensor& bin_faces,
                                      const RasterConfig& cfg);
+// For the tests: (B, F, S, S) bool, the (face, pixel) pairs a kernel visits given its bins
+// (bin_offsets, bin_faces) and the shared cull of rasterize_tiles.h, in the CUDA kernel's form
+// (coordinates computed on demand). CPU tensors.
+at::Tensor visited_pairs_cpu(const at::Tensor& face_info, const at::Tensor& face_ranges, const at::Tensor& bin_offsets,
+                             const at::Tensor& bin_faces, const RasterConfig& cfg);
 #ifdef UMR_WITH_CUDA
 std::vector<at::Tensor> forward_cuda(const at::Tensor& face_vertices, const at::Tensor& textures,
                                      const RasterConfig& cfg);

@@ -3,7 +3,8 @@
 // faces in order) and visits only the pixels of the face's expanded bounding box; per-face
 // sums (p2f, vertex gradients) are kept locally and added once per (tile, face). With
 // RasterConfig::vectorize a face is evaluated on a row's pixels W at a time (rasterize_lanes.h);
-// otherwise one pixel at a time with the scalar math the CUDA kernel runs.
+// otherwise one pixel at a time. Both run the per-pixel math of rasterize_math.h, the CUDA
+// kernel's too, and the binning and culling of rasterize_tiles.h, as the CUDA kernel does.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 
 #include "rasterize.h"
 #include "rasterize_lanes.h"
+#include "rasterize_tiles.h"
 
 namespace umr {
 namespace {
@@ -45,123 +47,47 @@ void setup_faces(const T* face_vertices, int64_t count, T margin, int S, bool bi
 // CSR lists of the faces (ascending) whose range reaches each tile, tiles ordered (b, ty, tx).
 std::vector<at::Tensor> bin_faces(const at::Tensor& ranges_t, int64_t B, int64_t F, int64_t nt) {
   const int* ranges = ranges_t.data_ptr<int>();
-  auto offsets_t = at::zeros({B * nt * nt + 1}, ranges_t.options().dtype(at::kLong));
+  const int64_t tiles = nt * nt;
+  auto offsets_t = at::zeros({B * tiles + 1}, ranges_t.options().dtype(at::kLong));
   int64_t* offsets = offsets_t.data_ptr<int64_t>();
-  auto for_each_tile = [&](int64_t b, int64_t f, auto&& fn) {
-    const int* range = ranges + 4 * (b * F + f);
-    if (range[0] > range[1] || range[2] > range[3]) return;
-    for (int ty = range[2] / kTileSize; ty <= range[3] / kTileSize; ++ty)
-      for (int tx = range[0] / kTileSize; tx <= range[1] / kTileSize; ++tx) fn(b * nt * nt + ty * nt + tx);
-  };
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      for (int64_t f = 0; f < F; ++f) for_each_tile(b, f, [&](int64_t tile) { ++offsets[tile + 1]; });
+    for (int64_t b = begin; b < end; ++b) bin_image<false>(ranges + 4 * b * F, F, nt, offsets + b * tiles + 1, nullptr);
   });
-  for (int64_t i = 0; i < B * nt * nt; ++i) offsets[i + 1] += offsets[i];
-  auto faces_t = at::empty({offsets[B * nt * nt]}, ranges_t.options().dtype(at::kInt));
+  for (int64_t i = 0; i < B * tiles; ++i) offsets[i + 1] += offsets[i];
+  auto faces_t = at::empty({offsets[B * tiles]}, ranges_t.options().dtype(at::kInt));
   int32_t* faces = faces_t.data_ptr<int32_t>();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      std::vector<int64_t> cursor(offsets + b * nt * nt, offsets + (b + 1) * nt * nt);
-      for (int64_t f = 0; f < F; ++f)
-        for_each_tile(b, f, [&](int64_t tile) { faces[cursor[tile - b * nt * nt]++] = int32_t(f); });
+      std::vector<int64_t> cursor(offsets + b * tiles, offsets + (b + 1) * tiles);
+      bin_image<true>(ranges + 4 * b * F, F, nt, cursor.data(), faces);
     }
   });
   return {offsets_t, faces_t};
 }
 
-struct TileBox {
-  int64_t b;
-  int r0, r1, c0, c1;  // half-open pixel box of the tile
-};
-
-inline TileBox tile_box(int64_t item, int64_t nt, int S) {
-  const int64_t t = item % (nt * nt);
-  TileBox box;
-  box.b = item / (nt * nt);
-  box.r0 = int(t / nt) * kTileSize;
-  box.c0 = int(t % nt) * kTileSize;
-  box.r1 = std::min(box.r0 + kTileSize, S);
-  box.c1 = std::min(box.c0 + kTileSize, S);
-  return box;
-}
-
-// Pixel-centre coordinates of a tile's columns and rows (computed once per tile, not per pair);
-// the columns run on past the tile so that a row's last vector of lanes reads finite values.
+// Pixel-centre coordinates of a tile's columns and rows (computed once per tile, not per pair
+// or per face); the columns run on past the tile so that a row's last vector of lanes reads
+// finite values. x(c), y(r) as TilePixels (rasterize_tiles.h).
 template <typename T>
 struct TileCoords {
-  T x[kTileSize + lanes::kMaxLanes], y[kTileSize];
+  T xs[kTileSize + lanes::kMaxLanes], ys[kTileSize];
   TileCoords(const TileBox& box, int S) {
-    for (int i = 0; i < kTileSize + lanes::kMaxLanes; ++i) x[i] = pixel_x<T>(box.c0 + i, S);
-    for (int i = 0; i < kTileSize; ++i) y[i] = pixel_y<T>(box.r0 + i, S);
+    for (int i = 0; i < kTileSize + lanes::kMaxLanes; ++i) xs[i] = pixel_x<T>(box.c0 + i, S);
+    for (int i = 0; i < kTileSize; ++i) ys[i] = pixel_y<T>(box.r0 + i, S);
   }
-};
-
-// The tile-relative rows and columns (inclusive) where a face passes the exact bounding-box
-// test: the test is separable, so it is applied once per row and column instead of per pixel.
-struct Span {
-  int r0, r1, c0, c1;
-};
-
-template <typename T>
-Span box_span(const T* info, const int* range, const TileBox& box, const TileCoords<T>& xy, const Settings<T>& s) {
-  Span span{std::max(range[2], box.r0) - box.r0, std::min(range[3], box.r1 - 1) - box.r0,
-            std::max(range[0], box.c0) - box.c0, std::min(range[1], box.c1 - 1) - box.c0};
-  while (span.r0 <= span.r1 && !in_y_box(info, xy.y[span.r0], s)) ++span.r0;
-  while (span.r1 >= span.r0 && !in_y_box(info, xy.y[span.r1], s)) --span.r1;
-  while (span.c0 <= span.c1 && !in_x_box(info, xy.x[span.c0], s)) ++span.c0;
-  while (span.c1 >= span.c0 && !in_x_box(info, xy.x[span.c1], s)) --span.c1;
-  return span;
-}
-
-// Per row, the columns a face's pixels can occupy after the cull: coverage_halfplanes as
-// intervals in x, widened by one column, so skipping the rest changes no output. Most of a small
-// face's bounding box lies outside its margin band; this saves testing those pixels one by one.
-template <typename T>
-struct RowClipper {
-  bool active;
-  double a[3], b[3], c[3], lim[3];
-  RowClipper(const T* info, const Settings<T>& s) {
-    active = coverage_halfplanes(info, s, lim);
-    for (int k = 0; k < 3 && active; ++k) {
-      a[k] = double(info[9 + 3 * k]);
-      b[k] = double(info[10 + 3 * k]);
-      c[k] = double(info[11 + 3 * k]);
-    }
-  }
-  // Narrows the tile-relative inclusive columns [c_lo, c_hi] of the row at height y.
-  void clip(T y, int col0, int S, int& c_lo, int& c_hi) const {
-    if (!active) return;
-    double x_lo = -INFINITY, x_hi = INFINITY;
-    for (int k = 0; k < 3; ++k) {
-      const double rhs = -lim[k] - (b[k] * double(y) + c[k]);  // need a x >= rhs
-      if (a[k] > 0.0) {
-        x_lo = std::max(x_lo, rhs / a[k]);
-      } else if (a[k] < 0.0) {
-        x_hi = std::min(x_hi, rhs / a[k]);
-      } else if (rhs > 0.0) {
-        c_hi = c_lo - 1;
-        return;
-      }
-    }
-    // column C has x = (2C + 1 - S) / S; clamp before converting so huge bounds cannot overflow
-    const double lo = std::ceil((x_lo * S + S - 1) / 2.0) - 1.0 - col0;
-    const double hi = std::floor((x_hi * S + S - 1) / 2.0) + 1.0 - col0;
-    if (lo > double(c_lo)) c_lo = int(std::min(lo, double(kTileSize)));
-    if (hi < double(c_hi)) c_hi = int(std::max(hi, -1.0));
-  }
+  T x(int c) const { return xs[c]; }
+  T y(int r) const { return ys[r]; }
 };
 
 // Calls visit_row(r, c_lo, c_hi) for each tile row r a face can reach, with the inclusive
-// tile-relative columns left by the bounding-box test and the per-row cull span.
+// tile-relative columns its cull leaves (rasterize_tiles.h).
 template <typename T, typename Visit>
 inline void for_each_face_row(const T* finfo, const int* range, const TileBox& box, const TileCoords<T>& xy,
                               const Settings<T>& s, Visit&& visit_row) {
-  const Span span = box_span(finfo, range, box, xy, s);
-  const RowClipper<T> rows(finfo, s);
-  for (int r = span.r0; r <= span.r1; ++r) {
-    int c_lo = span.c0, c_hi = span.c1;
-    rows.clip(xy.y[r], box.c0, s.image_size, c_lo, c_hi);
+  const FaceTileCull<T, TileCoords<T>> cull(finfo, range, box, xy, s);
+  for (int r = cull.r0; r <= cull.r1; ++r) {
+    int c_lo, c_hi;
+    cull.columns(r, c_lo, c_hi);
     visit_row(r, c_lo, c_hi);
   }
 }
@@ -171,15 +97,21 @@ template <typename T>
 void forward_row_lanes(const T* finfo, const T* ftex, int f, const TileBox& box, const TileCoords<T>& xy, int r,
                        int c_lo, int c_hi, const Settings<T>& s, bool return_p2f, lanes::TileState<T>& state,
                        T* p2f_sum) {
+  using V = lanes::Vec<T>;
+  using Bt = Batch<V>;
   constexpr int W = lanes::VecTraits<T>::W;
   for (int c = c_lo; c <= c_hi; c += W) {
     const int i = r * kTileSize + c;
-    auto mask = lanes::first_lanes<T>(c_hi - c + 1) & ~lanes::face_is_inert(finfo, s, state, i);
-    if (!lanes::any(mask)) continue;
-    lanes::CoverageLanes<T> cov;
-    mask &= lanes::eval_coverage(finfo, lanes::load(xy.x + c), xy.y[r], s, cov);
-    if (!lanes::any(mask)) continue;
-    const lanes::Vec<T> u = lanes::update_pixels(finfo, ftex, f, cov, mask, s, state, i);
+    PixelState<V> pixels;
+    state.load_inert_fields(i, pixels);
+    MaskOf<V> mask = lanes::first_lanes<T>(c_hi - c + 1) & ~face_is_inert(finfo, s, pixels);
+    if (!Bt::any(mask)) continue;
+    Coverage<V> cov;
+    mask &= eval_coverage(finfo, lanes::load(xy.xs + c), xy.ys[r], s, cov);
+    if (!Bt::any(mask)) continue;
+    state.load_other_fields(i, pixels);
+    const V u = update_pixel(finfo, ftex, f, cov, mask, s, pixels);
+    state.store_lanes(i, pixels);
     if (!return_p2f) continue;
     for (int j = 0; j < W; ++j) {
       if (u[j] == T(0)) continue;
@@ -220,8 +152,8 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
             PixelState<T> pixel = state.get(r * kTileSize + c);
             if (face_is_inert(finfo, s, pixel)) continue;
             Coverage<T> cov;
-            if (!eval_coverage<T, true>(finfo, xy.x[c], xy.y[r], s, cov)) continue;
-            const T u = update_pixel(finfo, ftex, f, cov, s, pixel);
+            if (!eval_coverage(finfo, xy.xs[c], xy.ys[r], s, cov)) continue;
+            const T u = update_pixel(finfo, ftex, f, cov, true, s, pixel);
             state.set(r * kTileSize + c, pixel);
             if (return_p2f && u != T(0)) {
               T g[2];
@@ -254,8 +186,8 @@ void forward_tiles(const T* tex, const T* info, const int* ranges, const int64_t
   });
 }
 
-// Spreads a pair's texture gradient (weight w at clipped barycentrics wb, see TextureGrad) over
-// the tile's per-face accumulator; touched lists the texels to flush.
+// Adds a pixel's texture gradient (TextureGrad) to the tile's per-face accumulator; touched
+// lists the texels to flush.
 template <typename T>
 inline void add_texture_grad(const TextureGrad<T>& tg, const T* g, std::vector<T>& tex_acc, std::vector<int>& touched) {
   for (int i = 0; i < tg.count; ++i) {
@@ -265,24 +197,28 @@ inline void add_texture_grad(const TextureGrad<T>& tg, const T* g, std::vector<T
   }
 }
 
-// Gradients of face f at the pixels [c_lo, c_hi] of tile row r, W lanes at a time.
+// Gradients of face f at the pixels [c_lo, c_hi] of tile row r, W lanes at a time; the geometry
+// gradient is summed per lane in grad.
 template <typename T>
 void backward_row_lanes(const T* finfo, const T* ftex, int f, const TileCoords<T>& xy, int r, int c_lo, int c_hi,
-                        const Settings<T>& s, const lanes::TileSaved<T>& saved, lanes::FaceGradLanes<T>& grad,
+                        const Settings<T>& s, const lanes::TileSaved<T>& saved, lanes::Vec<T>* grad,
                         std::vector<T>& tex_acc, std::vector<int>& touched) {
+  using V = lanes::Vec<T>;
+  using Bt = Batch<V>;
   constexpr int W = lanes::VecTraits<T>::W;
   for (int c = c_lo; c <= c_hi; c += W) {
     const int i = r * kTileSize + c;
-    auto mask = lanes::first_lanes<T>(c_hi - c + 1) & (lanes::load(saved.any_grad + i) != T(0));
-    if (!lanes::any(mask)) continue;
-    mask &= ~lanes::pair_is_inert(finfo, f, s, saved, i);
-    if (!lanes::any(mask)) continue;
-    lanes::CoverageLanes<T> cov;
-    mask &= lanes::eval_coverage(finfo, lanes::load(xy.x + c), xy.y[r], s, cov);
-    if (!lanes::any(mask)) continue;
-    lanes::Vec<T> wb[3], tex_weight;
-    lanes::Ints<T> texel{};
-    lanes::backward_pairs(finfo, ftex, f, cov, mask, s, saved, i, grad, wb, tex_weight, texel);
+    MaskOf<V> mask = lanes::first_lanes<T>(c_hi - c + 1) & (lanes::load(saved.any_grad + i) != T(0));
+    if (!Bt::any(mask)) continue;
+    const PixelSaved<V> pixels = saved.load_lanes(i);
+    mask &= ~pair_is_inert(finfo, f, s, pixels);
+    if (!Bt::any(mask)) continue;
+    Coverage<V> cov;
+    mask &= eval_coverage(finfo, lanes::load(xy.xs + c), xy.ys[r], s, cov);
+    if (!Bt::any(mask)) continue;
+    V wb[3], tex_weight;
+    IntOf<V> texel{};
+    backward_pair(finfo, ftex, f, cov, mask, s, pixels, grad, wb, tex_weight, texel);
     T weight[W], bary[3][W];  // through memory: cheaper than extracting lane by lane
     lanes::IntOf<T> lane_texel[W];
     lanes::store(weight, tex_weight);
@@ -291,19 +227,8 @@ void backward_row_lanes(const T* finfo, const T* ftex, int f, const TileCoords<T
     for (int j = 0; j < W; ++j) {
       if (weight[j] == T(0)) continue;
       const T g[3] = {saved.g[0][i + j], saved.g[1][i + j], saved.g[2][i + j]};
-      TextureGrad<T> tg;
-      if (s.texture_type == TEX_SURFACE) {
-        tg.count = 1;
-        tg.index[0] = int(lane_texel[j]);
-        tg.weight[0] = weight[j];
-      } else {
-        tg.count = 3;
-        for (int v = 0; v < 3; ++v) {
-          tg.index[v] = v;
-          tg.weight[v] = weight[j] * bary[v][j];
-        }
-      }
-      add_texture_grad(tg, g, tex_acc, touched);
+      const T lane_bary[3] = {bary[0][j], bary[1][j], bary[2][j]};
+      add_texture_grad(texture_grad(s, weight[j], lane_bary, int(lane_texel[j])), g, tex_acc, touched);
     }
   }
 }
@@ -352,7 +277,7 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
         const T* ftex = tex + int64_t(s.texels) * 3 * face;
         T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
         T grad_face[9] = {};
-        lanes::FaceGradLanes<T> grad_lanes;
+        lanes::Vec<T> grad_lanes[9] = {};
         for_each_face_row(finfo, ranges + 4 * face, box, xy, s, [&](int r, int c_lo, int c_hi) {
           if (vectorize) {
             backward_row_lanes(finfo, ftex, f, xy, r, c_lo, c_hi, s, saved, grad_lanes, tex_acc, touched);
@@ -361,18 +286,18 @@ void backward_tiles(const T* grad_image, const T* tex, const T* image, const int
           for (int c = c_lo; c <= c_hi; ++c) {
             const int i = r * kTileSize + c;
             if (saved.any_grad[i] == T(0)) continue;
-            const T g[4] = {saved.g[0][i], saved.g[1][i], saved.g[2][i], saved.g[3][i]};
-            const T rgba[4] = {saved.rgba[0][i], saved.rgba[1][i], saved.rgba[2][i], saved.rgba[3][i]};
-            const int fbest = int(saved.fbest[i]);
-            if (pair_is_inert(finfo, f, s, g, rgba, saved.smax[i], fbest)) continue;
+            const PixelSaved<T> pixel = saved.get(i);
+            if (pair_is_inert(finfo, f, s, pixel)) continue;
             Coverage<T> cov;
-            if (!eval_coverage<T, true>(finfo, xy.x[c], xy.y[r], s, cov)) continue;
-            TextureGrad<T> tg;
-            backward_pair(finfo, ftex, f, cov, s, g, rgba, saved.ssum[i], saved.smax[i], fbest, grad_face, tg);
-            add_texture_grad(tg, g, tex_acc, touched);
+            if (!eval_coverage(finfo, xy.xs[c], xy.ys[r], s, cov)) continue;
+            T wb[3], tex_weight;
+            int texel = 0;
+            backward_pair(finfo, ftex, f, cov, true, s, pixel, grad_face, wb, tex_weight, texel);
+            add_texture_grad(texture_grad(s, tex_weight, wb, texel), pixel.g, tex_acc, touched);
           }
         });
-        if (vectorize) grad_lanes.add_to(grad_face);
+        if (vectorize)
+          for (int j = 0; j < 9; ++j) grad_face[j] += lanes::sum_lanes(grad_lanes[j]);
         for (const int texel : touched) {
           for (int j = 0; j < 3; ++j) {
             T& acc = tex_acc[3 * texel + j];
@@ -439,6 +364,35 @@ std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_image, const at::Ten
                    cfg.vectorize && lanes::kAvailable, grad_fv.data_ptr<scalar_t>(), grad_tex.data_ptr<scalar_t>());
   });
   return {grad_fv, grad_tex};
+}
+
+at::Tensor visited_pairs_cpu(const at::Tensor& face_info, const at::Tensor& face_ranges, const at::Tensor& bin_offsets,
+                             const at::Tensor& bin_faces, const RasterConfig& cfg) {
+  const int64_t B = face_info.size(0), F = face_info.size(1), S = cfg.image_size, nt = num_tiles(S);
+  auto visited = at::zeros({B, F, S, S}, face_info.options().dtype(at::kBool));
+  bool* out = visited.data_ptr<bool>();
+  const int* ranges = face_ranges.data_ptr<int>();
+  const int64_t* offsets = bin_offsets.data_ptr<int64_t>();
+  const int32_t* bins = bin_faces.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(face_info.scalar_type(), "umr_visited_pairs", [&] {
+    const Settings<scalar_t> s = make_settings<scalar_t>(cfg, int(F), 1);
+    const scalar_t* info = face_info.data_ptr<scalar_t>();
+    for (int64_t item = 0; item < B * nt * nt; ++item) {
+      const TileBox box = tile_box(item, nt, int(S));
+      const TilePixels<scalar_t> pixels(box, int(S));
+      for (int64_t k = offsets[item]; k < offsets[item + 1]; ++k) {
+        const int64_t face = box.b * F + bins[k];
+        const FaceTileCull<scalar_t, TilePixels<scalar_t>> cull(info + kFaceInfoSize * face, ranges + 4 * face, box,
+                                                                 pixels, s);
+        for (int r = 0; r < box.r1 - box.r0; ++r) {
+          int c_lo, c_hi;
+          cull.columns(r, c_lo, c_hi);
+          for (int c = c_lo; c <= c_hi; ++c) out[(face * S + box.r0 + r) * S + box.c0 + c] = true;
+        }
+      }
+    }
+  });
+  return visited;
 }
 
 }  // namespace umr

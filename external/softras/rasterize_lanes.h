@@ -1,11 +1,7 @@
-// Lane-parallel form of the per-(pixel, face) math of rasterize_math.h, for the CPU kernel: one
-// face is evaluated on W consecutive pixels of a row at once (W = 8 floats or 4 doubles, one
-// 32-byte vector; AVX2, see kAvailable). Each function
-// mirrors a scalar one of rasterize_math.h operation for operation, with its data-dependent
-// branches turned into lane masks; the arithmetic is the same IEEE operations in the same
-// order (no FMA contraction), except exp (vector_exp below, within 2 ulp of libm). The scalar
-// form stays the CUDA kernel's and the CPU kernel's with RasterConfig::vectorize off; the tests
-// compare both against the PyTorch reference.
+// Vectors of W consecutive pixels of a row (W = 8 floats or 4 doubles, one 32-byte vector; AVX2,
+// see kAvailable) for the CPU kernel's SIMD path: the batch type Batch<Vec<T>> under which the
+// per-pixel math of rasterize_math.h (written once for one pixel or a vector of them) runs,
+// vector exp (within 2 ulp of libm), and the tile's per-pixel state as arrays.
 #pragma once
 
 #include <cstdint>
@@ -201,125 +197,46 @@ UMR_LANES Vec<double> vector_exp(Vec<double> x) {
   return select(x < Tr::kMinArg, 0.0, select(x > Tr::kMaxArg, double(INFINITY), select(x == x, e, x)));
 }
 
-template <typename V>
-UMR_LANES V sigmoid(V x) {
-  using T = LaneOf<V>;
-  return select(x > sigmoid_saturation<T>(), T(1), T(1) / (T(1) + vector_exp(-x)));
-}
-
-// Coverage of W pixels (one row, columns px) by one face: the lane form of Coverage.
+// The vector batch of rasterize_math.h: W pixels of a row, lane masks.
 template <typename T>
-struct CoverageLanes {
-  Vec<T> w[3], D, sign, coef[3], qp[2];
-  Vec<T> wm, am[2];  // barycentric: smallest w and row m of the barycentric inverse
-  Ints<T> inside;
+struct VectorBatch {
+  using Value = T;
+  using Mask = Ints<T>;
+  using Int = Ints<T>;
+  static constexpr int kLanes = VecTraits<T>::W;
+  static UMR_LANES Vec<T> splat(T x) { return lanes::splat(x); }
+  static UMR_LANES Ints<T> splat_int(int64_t x) { return lanes::splat_int<T>(x); }
+  static UMR_LANES Ints<T> none() { return Ints<T>{}; }
+  static UMR_LANES Ints<T> all() { return ~Ints<T>{}; }
+  static UMR_LANES bool any(Ints<T> m) { return lanes::any(m); }
+  static UMR_LANES Ints<T> mask_not(Ints<T> m) { return ~m; }
+  static UMR_LANES Vec<T> select(Ints<T> m, Vec<T> a, Vec<T> b) { return m ? a : b; }
+  static UMR_LANES Ints<T> select_int(Ints<T> m, Ints<T> a, Ints<T> b) { return m ? a : b; }
+  static UMR_LANES Vec<T> min(Vec<T> a, Vec<T> b) { return a < b ? a : b; }  // umr_min's comparison
+  static UMR_LANES Vec<T> max(Vec<T> a, Vec<T> b) { return a > b ? a : b; }
+  static UMR_LANES Vec<T> exp(Vec<T> x) { return vector_exp(x); }
+  static UMR_LANES Ints<T> to_int(Vec<T> x) { return __builtin_convertvector(x, Ints<T>); }
+  static UMR_LANES Vec<T> to_value(Ints<T> i) { return __builtin_convertvector(i, Vec<T>); }
+  // A gather, lane by lane through memory (cheaper than extracting lanes one by one).
+  static UMR_LANES void gather3(const T* tex, Ints<T> texel, Ints<T> mask, Vec<T>* color) {
+    constexpr int W = VecTraits<T>::W;
+    IntOf<T> lane_texel[W], lane_on[W];
+    store_ints<T>(lane_texel, texel);
+    store_ints<T>(lane_on, mask);
+    T gathered[3][W] = {};
+    for (int j = 0; j < W; ++j) {
+      if (!lane_on[j]) continue;
+      const T* c = tex + 3 * lane_texel[j];
+      for (int k = 0; k < 3; ++k) gathered[k][j] = c[k];
+    }
+    for (int k = 0; k < 3; ++k) color[k] = load(gathered[k]);
+  }
 };
-
-// eval_coverage with the bounding box already checked; returns the lanes the face is not
-// culled on.
-template <typename T>
-UMR_LANES Ints<T> eval_coverage(const T* info, Vec<T> px, T py, const Settings<T>& s, CoverageLanes<T>& cov) {
-  const T* A = info + 9;
-  for (int k = 0; k < 3; ++k) cov.w[k] = A[3 * k] * px + A[3 * k + 1] * py + A[3 * k + 2];
-  const Vec<T> w0 = cov.w[0], w1 = cov.w[1], w2 = cov.w[2];
-  cov.inside = (w0 >= T(0)) & (w0 <= T(1)) & (w1 >= T(0)) & (w1 <= T(1)) & (w2 >= T(0)) & (w2 <= T(1));
-  if (s.dist_func == DIST_HARD) {
-    cov.D = splat(T(1));
-    return cov.inside;
-  }
-  if (s.dist_func == DIST_BARYCENTRIC) {
-    const Ints<T> g01 = w0 > w1, g12 = w1 > w2, g02 = w0 > w2;
-    const Ints<T> is2 = (g01 & g12) | (~g01 & g02), is1 = g01 & ~g12;
-    cov.wm = select(is2, w2, select(is1, w1, w0));
-    for (int j = 0; j < 2; ++j) cov.am[j] = select(is2, splat(A[6 + j]), select(is1, splat(A[3 + j]), splat(A[j])));
-    const Vec<T> sq = cov.wm * cov.wm;
-    const Vec<T> delta = select(cov.wm > T(0), sq, -sq);
-    cov.D = sigmoid(delta * s.inv_sigma);
-    return ~(-delta >= s.threshold);
-  }
-  const Ints<T> strictly_inside =
-      (w0 > T(0)) & (w0 < T(1)) & (w1 > T(0)) & (w1 < T(1)) & (w2 > T(0)) & (w2 < T(1));
-  const Ints<T> outside = ~strictly_inside;
-  cov.sign = select(strictly_inside, splat(T(1)), splat(T(-1)));
-  const T* h = info + 24;
-  const T limit = edge_cull_limit(s);
-  Ints<T> keep = ~(outside & ((-w0 * h[0] > limit) | (-w1 * h[1] > limit) | (-w2 * h[2] > limit)));
-  Vec<T> best = splat(T(1e8));
-  for (int k = 0; k < 3; ++k) cov.coef[k] = splat(T(0));
-  cov.qp[0] = cov.qp[1] = splat(T(0));
-  const Ints<T> skip_far_edges = info[34] != T(0) ? outside : splat_int<T>(0);
-  for (int k = 0; k < 3; ++k) {
-    const int a = k, b = (k + 1) % 3, o = 3 - a - b;
-    const T xa = info[3 * a], ya = info[3 * a + 1], xb = info[3 * b], yb = info[3 * b + 1];
-    const T ex = xa - xb, ey = ya - yb;
-    Vec<T> t = ((px - xb) * ex + (py - yb) * ey) * info[30 + k];
-    t = vclamp(t, T(0), T(1));
-    const Vec<T> qx = xb + t * ex - px, qy = splat(yb) + t * ey - py;
-    const Vec<T> d2 = qx * qx + qy * qy;
-    const Ints<T> better = ~(skip_far_edges & (cov.w[(k + 2) % 3] > T(0))) & (d2 < best);
-    best = select(better, d2, best);
-    cov.coef[a] = select(better, t, cov.coef[a]);
-    cov.coef[b] = select(better, T(1) - t, cov.coef[b]);
-    cov.coef[o] = select(better, T(0), cov.coef[o]);
-    cov.qp[0] = select(better, qx, cov.qp[0]);
-    cov.qp[1] = select(better, qy, cov.qp[1]);
-  }
-  keep &= ~((cov.sign < T(0)) & (best >= s.threshold));
-  cov.D = sigmoid(cov.sign * best * s.inv_sigma);
-  return keep;
-}
-
-// clipped_depth of every lane.
-template <typename T>
-UMR_LANES Vec<T> clipped_depth(const T* info, const Vec<T>* w, Vec<T>* wb) {
-  for (int k = 0; k < 3; ++k) wb[k] = vclamp(w[k], T(1e-5), T(1) - T(1e-5));
-  const Vec<T> sum = wb[0] + wb[1] + wb[2];
-  const Vec<T> inv_sum = T(1) / vmax(sum, T(1e-5));
-  for (int k = 0; k < 3; ++k) wb[k] *= inv_sum;
-  return T(1) / (wb[0] * info[27] + wb[1] * info[28] + wb[2] * info[29]);
-}
-
-// surface_texel of every lane.
-template <typename T>
-UMR_LANES Ints<T> surface_texel(const Vec<T>* wb, int R) {
-  const Vec<T> u = wb[0], v = wb[1];
-  const Ints<T> zero = splat_int<T>(0), last = splat_int<T>(R - 1);
-  Ints<T> i = __builtin_convertvector(u * T(R), Ints<T>), j = __builtin_convertvector(v * T(R), Ints<T>);
-  i = i > 0 ? i : zero;
-  i = i < R - 1 ? i : last;
-  j = j > 0 ? j : zero;
-  j = j < R - 1 ? j : last;
-  const Vec<T> lam = (u + v) * T(R) - __builtin_convertvector(i, Vec<T>) - __builtin_convertvector(j, Vec<T>);
-  return lam <= T(1) ? j * IntOf<T>(R) + i : (last - j) * IntOf<T>(R) + (last - i);
-}
-
-// face_color of the lanes in mask (others: 0); texel: the surface texel of every lane. Surface
-// textures are read lane by lane (a gather).
-template <typename T>
-UMR_LANES void face_color(const T* tex, const Vec<T>* wb, Ints<T> mask, const Settings<T>& s, Vec<T>* color,
-                          Ints<T>& texel) {
-  if (s.texture_type == TEX_VERTEX) {
-    for (int k = 0; k < 3; ++k) color[k] = select(mask, wb[0] * tex[k] + wb[1] * tex[3 + k] + wb[2] * tex[6 + k], T(0));
-    return;
-  }
-  constexpr int W = VecTraits<T>::W;
-  texel = surface_texel<T>(wb, s.tex_res);
-  IntOf<T> lane_texel[W], lane_on[W];  // through memory: cheaper than extracting lane by lane
-  store_ints<T>(lane_texel, texel);
-  store_ints<T>(lane_on, mask);
-  T gathered[3][W] = {};
-  for (int j = 0; j < W; ++j) {
-    if (!lane_on[j]) continue;
-    const T* c = tex + 3 * lane_texel[j];
-    for (int k = 0; k < 3; ++k) gathered[k][j] = c[k];
-  }
-  for (int k = 0; k < 3; ++k) color[k] = load(gathered[k]);
-}
 
 // Running state of a tile's pixels, one array per field (rows of kTileSize pixels), padded so
 // that a row's last vector may run past the tile.
 template <typename T>
-struct TileState {
+struct alignas(64) TileState {
   static constexpr int kSize = kTileSize * kTileSize + kMaxLanes;
   T alpha[kSize], ssum[kSize], smax[kSize], color[3][kSize], zbest[kSize];
   IntOf<T> fbest[kSize];
@@ -347,162 +264,64 @@ struct TileState {
     zbest[i] = p.zbest;
     fbest[i] = IntOf<T>(p.fbest);
   }
+  // The W pixels from index i on, in two steps: what face_is_inert reads, then the rest (most
+  // vectors of pixels are culled in between).
+  UMR_LANES void load_inert_fields(int i, PixelState<Vec<T>>& p) const {
+    p.alpha = load(alpha + i);
+    p.smax = load(smax + i);
+    p.zbest = load(zbest + i);
+  }
+  UMR_LANES void load_other_fields(int i, PixelState<Vec<T>>& p) const {
+    p.ssum = load(ssum + i);
+    for (int k = 0; k < 3; ++k) p.color[k] = load(color[k] + i);
+    p.fbest = load_ints<T>(fbest + i);
+  }
+  UMR_LANES void store_lanes(int i, const PixelState<Vec<T>>& p) {
+    store(alpha + i, p.alpha);
+    store(ssum + i, p.ssum);
+    store(smax + i, p.smax);
+    for (int k = 0; k < 3; ++k) store(color[k] + i, p.color[k]);
+    store(zbest + i, p.zbest);
+    store_ints<T>(fbest + i, p.fbest);
+  }
 };
-
-// face_is_inert of every lane (state at index i onwards).
-template <typename T>
-UMR_LANES Ints<T> face_is_inert(const T* info, const Settings<T>& s, const TileState<T>& st, int i) {
-  const Vec<T> alpha = load(st.alpha + i);
-  const Ints<T> alpha_saturated = s.aggr_alpha == ALPHA_PROD   ? alpha == T(0)
-                                  : s.aggr_alpha == ALPHA_HARD ? alpha == T(1)
-                                                               : splat_int<T>(0);
-  const Ints<T> behind = info[33] >= load(st.zbest + i);
-  if (s.aggr_rgb == RGB_HARD) return alpha_saturated & behind;
-  const T zeta_max = (s.far - info[33]) * s.inv_depth_range;
-  const Vec<T> smax = load(st.smax + i);
-  return alpha_saturated & behind & (zeta_max <= smax) & ((zeta_max - smax) * s.inv_gamma < exp_underflow<T>());
-}
-
-// update_pixel on the lanes in mask (coverage already evaluated); returns the p2f weights u
-// (0 on the other lanes).
-template <typename T>
-UMR_LANES Vec<T> update_pixels(const T* info, const T* tex, int f, const CoverageLanes<T>& cov, Ints<T> mask,
-                            const Settings<T>& s, TileState<T>& st, int i) {
-  Vec<T> alpha = load(st.alpha + i);
-  if (s.aggr_alpha == ALPHA_PROD) {
-    alpha = select(mask, alpha * (T(1) - cov.D), alpha);
-  } else if (s.aggr_alpha == ALPHA_SUM) {
-    alpha = select(mask, alpha + cov.D, alpha);
-  } else {
-    alpha = select(mask & (cov.D > T(0.5)), T(1), alpha);
-  }
-  store(st.alpha + i, alpha);
-  const bool facing = s.double_side || info[22] != T(0);
-  if (!facing) return splat(T(0));
-  Vec<T> wb[3];
-  const Vec<T> zp = clipped_depth(info, cov.w, wb);
-  const Ints<T> rgb = mask & ~((zp < s.near) | (zp > s.far));  // near/far: alpha only
-  const Vec<T> zbest = load(st.zbest + i);
-  const Ints<T> wins = rgb & cov.inside & (zp < zbest);
-  store(st.zbest + i, select(wins, zp, zbest));
-  store_ints<T>(st.fbest + i, wins ? splat_int<T>(f) : load_ints<T>(st.fbest + i));
-  Vec<T> color[3];
-  Ints<T> texel{};
-  if (s.aggr_rgb == RGB_HARD) {
-    face_color(tex, wb, wins, s, color, texel);
-    for (int k = 0; k < 3; ++k) store(st.color[k] + i, select(wins, color[k], load(st.color[k] + i)));
-    return splat(T(0));
-  }
-  face_color(tex, wb, rgb, s, color, texel);
-  const Vec<T> zeta = (s.far - zp) * s.inv_depth_range;
-  const Vec<T> smax = load(st.smax + i);
-  const Ints<T> new_max = zeta > smax;  // a new maximum: its own weight is exp(0) = 1
-  const Vec<T> e = vector_exp(select(new_max, smax - zeta, zeta - smax) * s.inv_gamma);
-  const Vec<T> rescale = select(new_max, e, T(1));
-  const Vec<T> u = select(rgb, select(new_max, cov.D, e * cov.D), T(0));
-  store(st.smax + i, select(rgb & new_max, zeta, smax));
-  const Vec<T> ssum = load(st.ssum + i);
-  store(st.ssum + i, select(rgb, rescale * ssum + u, ssum));
-  for (int k = 0; k < 3; ++k) {
-    const Vec<T> c = load(st.color[k] + i);
-    store(st.color[k] + i, select(rgb, rescale * c + u * color[k], c));
-  }
-  return u;
-}
 
 // What the backward needs of a tile's pixels, one array per field (padded as TileState).
 template <typename T>
-struct TileSaved {
+struct alignas(64) TileSaved {
   static constexpr int kSize = kTileSize * kTileSize + kMaxLanes;
   T g[4][kSize], rgba[4][kSize], ssum[kSize], smax[kSize], any_grad[kSize];
   IntOf<T> fbest[kSize];
-};
 
-// pair_is_inert of every lane.
-template <typename T>
-UMR_LANES Ints<T> pair_is_inert(const T* info, int f, const Settings<T>& s, const TileSaved<T>& sv, int i) {
-  const Vec<T> g3 = load(sv.g[3] + i);
-  const Ints<T> no_alpha = s.aggr_alpha == ALPHA_PROD  ? (g3 == T(0)) | (load(sv.rgba[3] + i) == T(1))
-                           : s.aggr_alpha == ALPHA_SUM ? g3 == T(0)
-                                                       : splat_int<T>(-1);
-  const Ints<T> no_rgb = (load(sv.g[0] + i) == T(0)) & (load(sv.g[1] + i) == T(0)) & (load(sv.g[2] + i) == T(0));
-  Ints<T> rgb_inert;
-  if (s.aggr_rgb == RGB_HARD) {
-    rgb_inert = load_ints<T>(sv.fbest + i) != IntOf<T>(f);
-  } else {
-    const T zeta_max = (s.far - info[33]) * s.inv_depth_range;
-    const Vec<T> smax = load(sv.smax + i);
-    rgb_inert = (zeta_max <= smax) & ((zeta_max - smax) * s.inv_gamma < exp_underflow<T>());
+  PixelSaved<T> get(int i) const {
+    PixelSaved<T> p;
+    for (int k = 0; k < 4; ++k) {
+      p.g[k] = g[k][i];
+      p.rgba[k] = rgba[k][i];
+    }
+    p.ssum = ssum[i];
+    p.smax = smax[i];
+    p.fbest = int(fbest[i]);
+    return p;
   }
-  return no_alpha & (no_rgb | rgb_inert);
-}
-
-// Per-face gradient sums of backward_pair, one partial sum per lane.
-template <typename T>
-struct FaceGradLanes {
-  Vec<T> g[9] = {};
-  void add_to(T* grad_face) const {
-    for (int j = 0; j < 9; ++j) grad_face[j] += sum_lanes(g[j]);
+  UMR_LANES PixelSaved<Vec<T>> load_lanes(int i) const {
+    PixelSaved<Vec<T>> p;
+    for (int k = 0; k < 4; ++k) {
+      p.g[k] = load(g[k] + i);
+      p.rgba[k] = load(rgba[k] + i);
+    }
+    p.ssum = load(ssum + i);
+    p.smax = load(smax + i);
+    p.fbest = load_ints<T>(fbest + i);
+    return p;
   }
 };
-
-// backward_pair on the lanes in mask. Texture gradients are returned per lane, to be spread by
-// the caller: weight (0: none) and, for surface textures, the texel.
-template <typename T>
-UMR_LANES void backward_pairs(const T* info, const T* tex, int f, const CoverageLanes<T>& cov, Ints<T> mask,
-                           const Settings<T>& s, const TileSaved<T>& sv, int i, FaceGradLanes<T>& grad,
-                           Vec<T>* wb, Vec<T>& tex_weight, Ints<T>& texel) {
-  Vec<T> g[4], rgba[4];
-  for (int k = 0; k < 4; ++k) {
-    g[k] = load(sv.g[k] + i);
-    rgba[k] = load(sv.rgba[k] + i);
-  }
-  Vec<T> dD = splat(T(0));
-  if (s.aggr_alpha == ALPHA_PROD) {
-    dD = g[3] * (T(1) - rgba[3]) / vmax(T(1) - cov.D, T(1e-6));
-  } else if (s.aggr_alpha == ALPHA_SUM) {
-    dD = g[3] / T(s.num_faces);
-  }
-  const Vec<T> zp = clipped_depth(info, cov.w, wb);
-  const bool facing = s.double_side || info[22] != T(0);
-  const Ints<T> rgb = facing ? mask & (zp >= s.near) & (zp <= s.far) : splat_int<T>(0);
-  tex_weight = splat(T(0));
-  if (s.aggr_rgb == RGB_SOFTMAX) {
-    Vec<T> color[3];
-    face_color(tex, wb, rgb, s, color, texel);
-    const Vec<T> zeta = (s.far - zp) * s.inv_depth_range;
-    const Vec<T> weight_over_D = vector_exp((zeta - load(sv.smax + i)) * s.inv_gamma) / load(sv.ssum + i);
-    const Vec<T> omega = weight_over_D * cov.D;
-    const Vec<T> lam = g[0] * (color[0] - rgba[0]) + g[1] * (color[1] - rgba[1]) + g[2] * (color[2] - rgba[2]);
-    if (s.rgb_geometry_grad) {
-      dD = select(rgb, dD + weight_over_D * lam, dD);
-      const Vec<T> dz = -omega * lam * s.inv_gamma * s.inv_depth_range * zp * zp;
-      for (int k = 0; k < 3; ++k) grad.g[3 * k + 2] += select(rgb, dz * wb[k] * info[27 + k] * info[27 + k], T(0));
-    }
-    tex_weight = select(rgb, omega, T(0));
-  } else {
-    const Ints<T> winner = rgb & (load_ints<T>(sv.fbest + i) == IntOf<T>(f));
-    tex_weight = select(winner, splat(T(1)), T(0));
-    if (s.texture_type == TEX_SURFACE) texel = surface_texel<T>(wb, s.tex_res);
-  }
-  if (s.dist_func == DIST_HARD) return;
-  const Vec<T> d_eta = dD * cov.D * (T(1) - cov.D) * s.inv_sigma;  // through the sigmoid
-  const Ints<T> live = mask & (dD != T(0)) & (d_eta != T(0));
-  if (!any(live)) return;
-  if (s.dist_func == DIST_EUCLIDEAN) {
-    const Vec<T> k = T(2) * cov.sign * d_eta;
-    for (int v = 0; v < 3; ++v) {
-      grad.g[3 * v] += select(live, k * cov.coef[v] * cov.qp[0], T(0));
-      grad.g[3 * v + 1] += select(live, k * cov.coef[v] * cov.qp[1], T(0));
-    }
-  } else {
-    const Vec<T> k = -d_eta * T(2) * select(cov.wm > T(0), cov.wm, -cov.wm);
-    for (int v = 0; v < 3; ++v) {
-      grad.g[3 * v] += select(live, k * cov.am[0] * cov.w[v], T(0));
-      grad.g[3 * v + 1] += select(live, k * cov.am[1] * cov.w[v], T(0));
-    }
-  }
-}
 
 }  // namespace lanes
+
+template <>
+struct Batch<lanes::Vec<float>> : lanes::VectorBatch<float> {};
+template <>
+struct Batch<lanes::Vec<double>> : lanes::VectorBatch<double> {};
+
 }  // namespace umr

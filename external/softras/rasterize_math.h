@@ -1,6 +1,7 @@
-// Per-face and per-(pixel, face) math of the soft rasterizer, shared by the CPU kernel
-// (rasterize_cpu.cpp) and the CUDA kernel (rasterize_cuda.cu), so that CPU tests exercise
-// the GPU's arithmetic. The formulas follow ../shared/spec/soft_rasterizer.md; section
+// Per-face and per-(pixel, face) math of the soft rasterizer, written once and shared by the CPU
+// kernel (rasterize_cpu.cpp, one pixel or a vector of a row's pixels at a time) and the CUDA
+// kernel (rasterize_cuda.cu, one pixel per thread), so that CPU tests exercise the GPU's
+// arithmetic. The formulas follow ../shared/spec/soft_rasterizer.md; section
 // numbers below refer to it. Screen frame: x right, y up, pixel (r, c) of an S x S raster
 // centred at ((2c + 1 - S) / S, (S - 1 - 2r) / S).
 #pragma once
@@ -11,7 +12,8 @@
 #if defined(__CUDACC__)
 #define UMR_HD __host__ __device__ __forceinline__
 #else
-#define UMR_HD inline
+// always inlined: the lane forms (rasterize_lanes.h) are only fast when nothing is passed through memory
+#define UMR_HD inline __attribute__((always_inline))
 #endif
 
 namespace umr {
@@ -89,8 +91,6 @@ UMR_HD float sigmoid_saturation<float>() { return 17.5f; }
 template <>
 UMR_HD double sigmoid_saturation<double>() { return 38.0; }
 
-template <typename T>
-UMR_HD T sigmoid(T x) { return x > sigmoid_saturation<T>() ? T(1) : T(1) / (T(1) + umr_exp(-x)); }
 
 template <typename T>
 UMR_HD T pixel_x(int c, int S) { return T(2 * c + 1 - S) / T(S); }
@@ -150,14 +150,6 @@ UMR_HD float exp_underflow<float>() { return -110.0f; }
 template <>
 UMR_HD double exp_underflow<double>() { return -760.0; }
 
-// Is the softmax weight of a face (nearest point at depth info[33]) exactly 0 at a pixel whose
-// running or final maximum closeness is smax, without the face raising that maximum?
-template <typename T>
-UMR_HD bool softmax_weight_underflows(const T* info, const Settings<T>& s, T smax) {
-  const T zeta_max = (s.far - info[33]) * s.inv_depth_range;
-  return zeta_max <= smax && (zeta_max - smax) * s.inv_gamma < exp_underflow<T>();
-}
-
 // §8: inclusive pixel range [c_lo, c_hi] x [r_lo, r_hi] that the face's expanded bounding box
 // can reach, widened by one pixel against rounding (the exact per-pixel test still applies).
 // Empty (c_lo > c_hi or r_lo > r_hi) for faces off the raster or with non-finite coordinates.
@@ -187,17 +179,76 @@ UMR_HD void face_pixel_range(const T* info, T margin, int S, bool binning, int* 
   range[3] = umr_min(int(r_hi), S - 1);
 }
 
-// Result of the coverage test of one (pixel, face) pair (§3.1-3.3).
+// ---------------------------------------------------------------------------------------------
+// The per-(pixel, face) math below is written once, for a batch V of pixels of one tile row:
+//   V = T (float or double): one pixel, with bool masks: the CUDA kernel and the CPU kernel's
+//       per-pixel path;
+//   V = a vector of W = 8 floats or 4 doubles (rasterize_lanes.h): W consecutive pixels of a
+//       row, with lane masks (0 / -1): the CPU kernel's SIMD path.
+// Batch<V> supplies what differs between the two (types, select, any, exp, gathers). Branches
+// that depend on a pixel are masks; `if (!Bt::any(mask)) return` keeps the scalar form's early
+// exits. The arithmetic is the same IEEE operations in the same order for both forms (no FMA
+// contraction), except exp (the vector form's is within 2 ulp of libm).
+template <typename V>
+struct Batch;
+
 template <typename T>
-struct Coverage {
-  T w[3];        // unclipped barycentrics
-  T D;           // coverage probability
-  T sign;        // euclidean: +1 strictly inside, -1 otherwise
-  T coef[3];     // euclidean: barycentric coefficients of the closest boundary point Q
-  T qp[2];       // euclidean: Q - P
-  int m;         // barycentric: index of the smallest w (spec's tie rule)
-  bool inside;   // closed inside test 0 <= w_k <= 1 (hard distance, z-buffer winner)
+struct ScalarBatch {
+  using Value = T;
+  using Mask = bool;
+  using Int = int;
+  static constexpr int kLanes = 1;
+  static UMR_HD T splat(T x) { return x; }
+  static UMR_HD int splat_int(int x) { return x; }
+  static UMR_HD bool none() { return false; }
+  static UMR_HD bool all() { return true; }
+  static UMR_HD bool any(bool m) { return m; }
+  static UMR_HD bool mask_not(bool m) { return !m; }
+  static UMR_HD T select(bool m, T a, T b) { return m ? a : b; }
+  static UMR_HD int select_int(bool m, int a, int b) { return m ? a : b; }
+  static UMR_HD T min(T a, T b) { return umr_min(a, b); }
+  static UMR_HD T max(T a, T b) { return umr_max(a, b); }
+  static UMR_HD T exp(T x) { return umr_exp(x); }
+  static UMR_HD int to_int(T x) { return int(x); }  // truncation
+  static UMR_HD T to_value(int i) { return T(i); }
+  // color[k] = tex[3 * texel + k] where m is set, else 0
+  static UMR_HD void gather3(const T* tex, int texel, bool m, T* color) {
+    for (int k = 0; k < 3; ++k) color[k] = m ? tex[3 * texel + k] : T(0);
+  }
 };
+template <>
+struct Batch<float> : ScalarBatch<float> {};
+template <>
+struct Batch<double> : ScalarBatch<double> {};
+
+template <typename V>
+using ValueOf = typename Batch<V>::Value;
+template <typename V>
+using MaskOf = typename Batch<V>::Mask;
+template <typename V>
+using IntOf = typename Batch<V>::Int;
+
+template <typename V>
+UMR_HD V clamp(V v, ValueOf<V> lo, ValueOf<V> hi) {
+  using Bt = Batch<V>;
+  return Bt::min(Bt::max(v, Bt::splat(lo)), Bt::splat(hi));
+}
+
+template <typename V>
+UMR_HD V sigmoid(V x) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  return Bt::select(x > sigmoid_saturation<T>(), Bt::splat(T(1)), T(1) / (T(1) + Bt::exp(-x)));
+}
+
+// Is the softmax weight of a face (nearest point at depth info[33]) exactly 0 at a pixel whose
+// running or final maximum closeness is smax, without the face raising that maximum?
+template <typename V>
+UMR_HD MaskOf<V> softmax_weight_underflows(const ValueOf<V>* info, const Settings<ValueOf<V>>& s, V smax) {
+  using T = ValueOf<V>;
+  const T zeta_max = (s.far - info[33]) * s.inv_depth_range;
+  return (zeta_max <= smax) & ((zeta_max - smax) * s.inv_gamma < exp_underflow<T>());
+}
 
 // §3.1: the expanded bounding-box test (strict comparisons: a pixel on the border is kept).
 template <typename T>
@@ -215,73 +266,93 @@ UMR_HD bool in_y_box(const T* info, T py, const Settings<T>& s) {
 template <typename T>
 UMR_HD T edge_cull_limit(const Settings<T>& s) { return s.margin * T(1.0001); }
 
-// §3.1-3.3. Returns false when the face is culled for this pixel (no alpha, RGB or p2f).
-// box_checked: the caller already applied the bounding-box test.
-template <typename T, bool box_checked = false>
-UMR_HD bool eval_coverage(const T* info, T px, T py, const Settings<T>& s, Coverage<T>& cov) {
-  if (!box_checked && !(in_x_box(info, px, s) && in_y_box(info, py, s))) return false;
-  cov.sign = T(1);
-  cov.m = 0;
-  for (int k = 0; k < 3; ++k) cov.coef[k] = T(0);
-  cov.qp[0] = cov.qp[1] = T(0);
+// Result of the coverage test of a batch of pixels against one face (§3.1-3.3).
+template <typename V>
+struct Coverage {
+  V w[3];          // unclipped barycentrics
+  V D;             // coverage probability
+  V sign;          // euclidean: +1 strictly inside, -1 otherwise
+  V coef[3];       // euclidean: barycentric coefficients of the closest boundary point Q
+  V qp[2];         // euclidean: Q - P
+  V wm, am[2];     // barycentric: the smallest w (spec's tie rule) and row m of the inverse A
+  MaskOf<V> inside;  // closed inside test 0 <= w_k <= 1 (hard distance, z-buffer winner)
+};
+
+// §3.1-3.3 at pixels (px, py), whose bounding-box test the caller has applied (the cull spans of
+// rasterize_tiles.h). Returns the pixels the face is not culled at (no alpha, RGB or p2f elsewhere).
+template <typename V>
+UMR_HD MaskOf<V> eval_coverage(const ValueOf<V>* info, V px, ValueOf<V> py, const Settings<ValueOf<V>>& s,
+                               Coverage<V>& cov) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  using Mask = MaskOf<V>;
   const T* A = info + 9;
   for (int k = 0; k < 3; ++k) cov.w[k] = A[3 * k] * px + A[3 * k + 1] * py + A[3 * k + 2];
-  const T w0 = cov.w[0], w1 = cov.w[1], w2 = cov.w[2];
-  cov.inside = w0 >= T(0) && w0 <= T(1) && w1 >= T(0) && w1 <= T(1) && w2 >= T(0) && w2 <= T(1);
+  const V w0 = cov.w[0], w1 = cov.w[1], w2 = cov.w[2];
+  cov.sign = Bt::splat(T(1));
+  for (int k = 0; k < 3; ++k) cov.coef[k] = Bt::splat(T(0));
+  cov.D = cov.qp[0] = cov.qp[1] = cov.wm = cov.am[0] = cov.am[1] = Bt::splat(T(0));
+  cov.inside = (w0 >= T(0)) & (w0 <= T(1)) & (w1 >= T(0)) & (w1 <= T(1)) & (w2 >= T(0)) & (w2 <= T(1));
   if (s.dist_func == DIST_HARD) {
-    if (!cov.inside) return false;
-    cov.D = T(1);
-    return true;
+    cov.D = Bt::splat(T(1));
+    return cov.inside;
   }
   if (s.dist_func == DIST_BARYCENTRIC) {
-    cov.m = w0 > w1 ? (w1 > w2 ? 2 : 1) : (w0 > w2 ? 2 : 0);
-    const T wm = cov.w[cov.m];
-    const T delta = wm > T(0) ? wm * wm : -wm * wm;
-    if (-delta >= s.threshold) return false;
+    // m = w0 > w1 ? (w1 > w2 ? 2 : 1) : (w0 > w2 ? 2 : 0)
+    const Mask g01 = w0 > w1, g12 = w1 > w2, g02 = w0 > w2;
+    const Mask is2 = (g01 & g12) | (Bt::mask_not(g01) & g02), is1 = g01 & Bt::mask_not(g12);
+    cov.wm = Bt::select(is2, w2, Bt::select(is1, w1, w0));
+    for (int j = 0; j < 2; ++j)
+      cov.am[j] = Bt::select(is2, Bt::splat(A[6 + j]), Bt::select(is1, Bt::splat(A[3 + j]), Bt::splat(A[j])));
+    const V sq = cov.wm * cov.wm;
+    const V delta = Bt::select(cov.wm > T(0), sq, -sq);
+    const Mask keep = Bt::mask_not(-delta >= s.threshold);
+    if (!Bt::any(keep)) return keep;
     cov.D = sigmoid(delta * s.inv_sigma);
-    return true;
+    return keep;
   }
   // Euclidean: squared distance to the closed triangle's boundary, as the minimum over the
   // three edges of the distance to the clamped segment. In exact arithmetic this equals the
   // spec's region rule (§3.3) both inside (nearest supporting line) and outside (edge or vertex
   // regions), without its out-of-bounds case; ties keep the lower edge index.
-  const bool strictly_inside = w0 > T(0) && w0 < T(1) && w1 > T(0) && w1 < T(1) && w2 > T(0) && w2 < T(1);
-  cov.sign = strictly_inside ? T(1) : T(-1);
-  if (!strictly_inside) {
-    // Quick cull of most outside pairs: the distance to the triangle is at least the distance
-    // -w_k h_k to the line of an edge the pixel lies beyond; the exact test below decides the rest.
-    const T* h = info + 24;
-    const T limit = edge_cull_limit(s);
-    if (-w0 * h[0] > limit || -w1 * h[1] > limit || -w2 * h[2] > limit) return false;
-  }
-  T best = T(1e8);
+  const Mask strictly_inside = (w0 > T(0)) & (w0 < T(1)) & (w1 > T(0)) & (w1 < T(1)) & (w2 > T(0)) & (w2 < T(1));
+  const Mask outside = Bt::mask_not(strictly_inside);
+  cov.sign = Bt::select(strictly_inside, Bt::splat(T(1)), Bt::splat(T(-1)));
+  // Quick cull of most outside pairs: the distance to the triangle is at least the distance
+  // -w_k h_k to the line of an edge the pixel lies beyond; the exact test below decides the rest.
+  const T* h = info + 24;
+  const T limit = edge_cull_limit(s);
+  Mask keep = Bt::mask_not(outside & ((-w0 * h[0] > limit) | (-w1 * h[1] > limit) | (-w2 * h[2] > limit)));
+  if (!Bt::any(keep)) return keep;
+  V best = Bt::splat(T(1e8));
   // Outside a proper triangle the closest point lies on an edge whose line the pixel is beyond
   // (or on): edge (k, k+1) is the one opposite vertex k+2. Vertex regions are covered too (a
   // pixel nearest to a vertex lies beyond one of the two edge lines through it). Inside, and for
   // degenerate faces (clamped determinant, meaningless w), every edge counts.
-  const bool skip_far_edges = !strictly_inside && info[34] != T(0);
+  const Mask skip_far_edges = info[34] != T(0) ? outside : Bt::none();
   for (int k = 0; k < 3; ++k) {
-    if (skip_far_edges && cov.w[(k + 2) % 3] > T(0)) continue;
-    const int a = k, b = (k + 1) % 3;
+    const Mask edge_counts = Bt::mask_not(skip_far_edges & (cov.w[(k + 2) % 3] > T(0)));
+    // one pixel: skip the edge; lanes: a branch per edge costs more than computing it
+    if (Bt::kLanes == 1 && !Bt::any(edge_counts)) continue;
+    const int a = k, b = (k + 1) % 3, o = 3 - a - b;
     const T xa = info[3 * a], ya = info[3 * a + 1], xb = info[3 * b], yb = info[3 * b + 1];
     const T ex = xa - xb, ey = ya - yb;
     // t: weight of vertex a of the foot of the perpendicular; a zero-length edge is a point
-    T t = ((px - xb) * ex + (py - yb) * ey) * info[30 + k];
-    t = umr_clamp(t, T(0), T(1));
-    const T qx = xb + t * ex - px, qy = yb + t * ey - py;
-    const T d2 = qx * qx + qy * qy;
-    if (d2 < best) {
-      best = d2;
-      cov.coef[a] = t;
-      cov.coef[b] = T(1) - t;
-      cov.coef[3 - a - b] = T(0);
-      cov.qp[0] = qx;
-      cov.qp[1] = qy;
-    }
+    const V t = clamp(((px - xb) * ex + (py - yb) * ey) * info[30 + k], T(0), T(1));
+    const V qx = xb + t * ex - px, qy = yb + t * ey - py;
+    const V d2 = qx * qx + qy * qy;
+    const Mask better = edge_counts & (d2 < best);
+    best = Bt::select(better, d2, best);
+    cov.coef[a] = Bt::select(better, t, cov.coef[a]);
+    cov.coef[b] = Bt::select(better, T(1) - t, cov.coef[b]);
+    cov.coef[o] = Bt::select(better, Bt::splat(T(0)), cov.coef[o]);
+    cov.qp[0] = Bt::select(better, qx, cov.qp[0]);
+    cov.qp[1] = Bt::select(better, qy, cov.qp[1]);
   }
-  if (cov.sign < T(0) && best >= s.threshold) return false;
+  keep = keep & Bt::mask_not((cov.sign < T(0)) & (best >= s.threshold));
+  if (!Bt::any(keep)) return keep;
   cov.D = sigmoid(cov.sign * best * s.inv_sigma);
-  return true;
+  return keep;
 }
 
 // A relaxation of eval_coverage's cull as three half-planes: every pixel the cull keeps
@@ -308,49 +379,58 @@ UMR_HD bool coverage_halfplanes(const T* info, const Settings<T>& s, double* lim
 }
 
 // §3.5: clipped, renormalised barycentrics and perspective-correct depth.
-template <typename T>
-UMR_HD T clipped_depth(const T* info, const T* w, T* wb) {
-  T sum = T(0);
-  for (int k = 0; k < 3; ++k) {
-    wb[k] = umr_clamp(w[k], T(1e-5), T(1) - T(1e-5));
-    sum += wb[k];
-  }
-  const T inv_sum = T(1) / umr_max(sum, T(1e-5));
-  for (int k = 0; k < 3; ++k) wb[k] *= inv_sum;
+template <typename V>
+UMR_HD V clipped_depth(const ValueOf<V>* info, const V* w, V* wb) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  for (int k = 0; k < 3; ++k) wb[k] = clamp(w[k], T(1e-5), T(1) - T(1e-5));
+  const V sum = wb[0] + wb[1] + wb[2];
+  const V inv_sum = T(1) / Bt::max(sum, Bt::splat(T(1e-5)));
+  for (int k = 0; k < 3; ++k) wb[k] = wb[k] * inv_sum;
   return T(1) / (wb[0] * info[27] + wb[1] * info[28] + wb[2] * info[29]);
 }
 
 // §3.6: texel of a surface texture (R x R per face) at clipped barycentrics wb.
-template <typename T>
-UMR_HD int surface_texel(const T* wb, int R) {
-  const T u = wb[0], v = wb[1];
-  const int i = umr_clamp(int(u * T(R)), 0, R - 1);
-  const int j = umr_clamp(int(v * T(R)), 0, R - 1);
-  const T lam = (u + v) * T(R) - T(i) - T(j);
-  return lam <= T(1) ? j * R + i : (R - 1 - j) * R + (R - 1 - i);
+template <typename V>
+UMR_HD IntOf<V> surface_texel(const V* wb, int R) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  using Int = IntOf<V>;
+  const V u = wb[0], v = wb[1];
+  const Int zero = Bt::splat_int(0), last = Bt::splat_int(R - 1);
+  Int i = Bt::to_int(u * T(R)), j = Bt::to_int(v * T(R));
+  i = Bt::select_int(i > 0, i, zero);
+  i = Bt::select_int(i < R - 1, i, last);
+  j = Bt::select_int(j > 0, j, zero);
+  j = Bt::select_int(j < R - 1, j, last);
+  const V lam = (u + v) * T(R) - Bt::to_value(i) - Bt::to_value(j);
+  return Bt::select_int(lam <= T(1), j * R + i, (last - j) * R + (last - i));
 }
 
-// Colour of a face at clipped barycentrics wb; tex points at the face's texels (texels x 3).
-template <typename T>
-UMR_HD void face_color(const T* tex, const T* wb, const Settings<T>& s, T* color) {
+// Colour of a face at clipped barycentrics wb where mask is set (0 elsewhere); tex points at
+// the face's texels (texels x 3). texel: the surface texel (surface textures only).
+template <typename V>
+UMR_HD void face_color(const ValueOf<V>* tex, const V* wb, MaskOf<V> mask, const Settings<ValueOf<V>>& s, V* color,
+                       IntOf<V>& texel) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
   if (s.texture_type == TEX_SURFACE) {
-    const T* c = tex + 3 * surface_texel(wb, s.tex_res);
-    color[0] = c[0];
-    color[1] = c[1];
-    color[2] = c[2];
-  } else {
-    for (int k = 0; k < 3; ++k) color[k] = wb[0] * tex[k] + wb[1] * tex[3 + k] + wb[2] * tex[6 + k];
+    texel = surface_texel(wb, s.tex_res);
+    Bt::gather3(tex, texel, mask, color);
+    return;
   }
+  for (int k = 0; k < 3; ++k)
+    color[k] = Bt::select(mask, wb[0] * tex[k] + wb[1] * tex[3 + k] + wb[2] * tex[6 + k], Bt::splat(T(0)));
 }
 
-// Running state of one pixel during the forward pass (§3.0, 3.4, 3.7, 3.8).
-template <typename T>
+// Running state of a batch of pixels during the forward pass (§3.0, 3.4, 3.7, 3.8).
+template <typename V>
 struct PixelState {
-  T alpha;
-  T ssum, smax;  // softmax normaliser and running maximum of the closeness
-  T color[3];    // softmax accumulator, or colour of the z-buffer winner (hard RGB)
-  T zbest;       // depth of the nearest face containing the pixel centre
-  int fbest;     // its index, -1 if none
+  V alpha;
+  V ssum, smax;  // softmax normaliser and running maximum of the closeness
+  V color[3];    // softmax accumulator, or colour of the z-buffer winner (hard RGB)
+  V zbest;       // depth of the nearest face containing the pixel centre
+  IntOf<V> fbest;  // its index, -1 if none
 };
 
 template <typename T>
@@ -364,56 +444,64 @@ UMR_HD void init_pixel(const Settings<T>& s, PixelState<T>& p) {
   p.fbest = -1;
 }
 
-// Forward early-out: can face f change nothing at this pixel? True when alpha is saturated
+// Forward early-out: can face f change nothing at these pixels? True where alpha is saturated
 // (prod: the product is 0; hard: alpha is 1), the face cannot win the z-buffer and its softmax
 // weight underflows to 0. Exact: skipping it changes no bit of any output.
-template <typename T>
-UMR_HD bool face_is_inert(const T* info, const Settings<T>& s, const PixelState<T>& p) {
-  const bool alpha_saturated =
-      s.aggr_alpha == ALPHA_PROD ? p.alpha == T(0) : (s.aggr_alpha == ALPHA_HARD && p.alpha == T(1));
-  if (!alpha_saturated || !(info[33] >= p.zbest)) return false;
-  return s.aggr_rgb == RGB_HARD || softmax_weight_underflows(info, s, p.smax);
+template <typename V>
+UMR_HD MaskOf<V> face_is_inert(const ValueOf<V>* info, const Settings<ValueOf<V>>& s, const PixelState<V>& p) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  using Mask = MaskOf<V>;
+  const Mask alpha_saturated = s.aggr_alpha == ALPHA_PROD   ? Mask(p.alpha == T(0))
+                               : s.aggr_alpha == ALPHA_HARD ? Mask(p.alpha == T(1))
+                                                            : Bt::none();
+  const Mask inert = alpha_saturated & (info[33] >= p.zbest);
+  if (!Bt::any(inert) || s.aggr_rgb == RGB_HARD) return inert;
+  return inert & softmax_weight_underflows(info, s, p.smax);
 }
 
-// Adds face f (already through eval_coverage) to the pixel; faces must come in ascending f.
-// Returns the p2f weight u = e * D of the pair (0 when the face does not enter the softmax).
-template <typename T>
-UMR_HD T update_pixel(const T* info, const T* tex, int f, const Coverage<T>& cov, const Settings<T>& s,
-                      PixelState<T>& p) {
+// Adds face f to the pixels in mask (coverage already evaluated); faces must come in ascending
+// f. Returns the p2f weights u = e * D (0 where the face does not enter the softmax).
+template <typename V>
+UMR_HD V update_pixel(const ValueOf<V>* info, const ValueOf<V>* tex, int f, const Coverage<V>& cov, MaskOf<V> mask,
+                      const Settings<ValueOf<V>>& s, PixelState<V>& p) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  using Mask = MaskOf<V>;
   if (s.aggr_alpha == ALPHA_PROD) {
-    p.alpha *= T(1) - cov.D;
+    p.alpha = Bt::select(mask, p.alpha * (T(1) - cov.D), p.alpha);
   } else if (s.aggr_alpha == ALPHA_SUM) {
-    p.alpha += cov.D;
-  } else if (cov.D > T(0.5)) {
-    p.alpha = T(1);
-  }
-  T wb[3];
-  const T zp = clipped_depth(info, cov.w, wb);
-  if (zp < s.near || zp > s.far) return T(0);  // near/far: alpha only
-  const bool facing = s.double_side || info[22] != T(0);
-  if (!facing) return T(0);
-  T color[3];
-  const bool wins = cov.inside && zp < p.zbest;
-  if (wins) {
-    p.zbest = zp;
-    p.fbest = f;
-  }
-  if (s.aggr_rgb == RGB_HARD) {
-    if (wins) face_color(tex, wb, s, p.color);
-    return T(0);
-  }
-  face_color(tex, wb, s, color);
-  const T zeta = (s.far - zp) * s.inv_depth_range;
-  T rescale = T(1), u;
-  if (zeta > p.smax) {  // a new maximum: its own weight is exp(0) = 1
-    rescale = umr_exp((p.smax - zeta) * s.inv_gamma);
-    p.smax = zeta;
-    u = cov.D;
+    p.alpha = Bt::select(mask, p.alpha + cov.D, p.alpha);
   } else {
-    u = umr_exp((zeta - p.smax) * s.inv_gamma) * cov.D;
+    p.alpha = Bt::select(mask & (cov.D > T(0.5)), Bt::splat(T(1)), p.alpha);
   }
-  p.ssum = rescale * p.ssum + u;
-  for (int k = 0; k < 3; ++k) p.color[k] = rescale * p.color[k] + u * color[k];
+  const V none = Bt::splat(T(0));
+  const bool facing = s.double_side || info[22] != T(0);
+  if (!facing) return none;
+  V wb[3];
+  const V zp = clipped_depth(info, cov.w, wb);
+  const Mask rgb = mask & Bt::mask_not((zp < s.near) | (zp > s.far));  // near/far: alpha only
+  if (!Bt::any(rgb)) return none;
+  const Mask wins = rgb & cov.inside & (zp < p.zbest);
+  p.zbest = Bt::select(wins, zp, p.zbest);
+  p.fbest = Bt::select_int(wins, Bt::splat_int(f), p.fbest);
+  V color[3];
+  IntOf<V> texel{};
+  if (s.aggr_rgb == RGB_HARD) {
+    if (!Bt::any(wins)) return none;
+    face_color(tex, wb, wins, s, color, texel);
+    for (int k = 0; k < 3; ++k) p.color[k] = Bt::select(wins, color[k], p.color[k]);
+    return none;
+  }
+  face_color(tex, wb, rgb, s, color, texel);
+  const V zeta = (s.far - zp) * s.inv_depth_range;
+  const Mask new_max = zeta > p.smax;  // a new maximum: its own weight is exp(0) = 1
+  const V e = Bt::exp(Bt::select(new_max, p.smax - zeta, zeta - p.smax) * s.inv_gamma);
+  const V rescale = Bt::select(new_max, e, Bt::splat(T(1)));
+  const V u = Bt::select(rgb, Bt::select(new_max, cov.D, e * cov.D), none);
+  p.smax = Bt::select(rgb & new_max, zeta, p.smax);
+  p.ssum = Bt::select(rgb, rescale * p.ssum + u, p.ssum);
+  for (int k = 0; k < 3; ++k) p.color[k] = Bt::select(rgb, rescale * p.color[k] + u * color[k], p.color[k]);
   return u;
 }
 
@@ -443,20 +531,104 @@ UMR_HD void p2f_grid(int r, int c, const Settings<T>& s, T* g) {
   }
 }
 
-// Backward early-out: is every gradient of the pair (pixel, face f) exactly 0? True when the
+// What the backward pass reads of a batch of pixels: the incoming RGBA gradient g, the forward
+// output rgba and the saved softmax state and z-buffer winner.
+template <typename V>
+struct PixelSaved {
+  V g[4], rgba[4], ssum, smax;
+  IntOf<V> fbest;
+};
+
+// Backward early-out: is every gradient of the pairs (pixel, face f) exactly 0? True where the
 // alpha term vanishes (no alpha gradient, or prod alpha saturated at 1) and the RGB term does
 // (no RGB gradient, not the hard winner, or a softmax weight that underflows).
-template <typename T>
-UMR_HD bool pair_is_inert(const T* info, int f, const Settings<T>& s, const T* g, const T* rgba, T smax, int fbest) {
-  const bool no_alpha = s.aggr_alpha == ALPHA_PROD  ? (g[3] == T(0) || rgba[3] == T(1))
-                        : s.aggr_alpha == ALPHA_SUM ? g[3] == T(0)
-                                                    : true;
-  if (!no_alpha) return false;
-  if (g[0] == T(0) && g[1] == T(0) && g[2] == T(0)) return true;
-  return s.aggr_rgb == RGB_HARD ? f != fbest : softmax_weight_underflows(info, s, smax);
+template <typename V>
+UMR_HD MaskOf<V> pair_is_inert(const ValueOf<V>* info, int f, const Settings<ValueOf<V>>& s, const PixelSaved<V>& px) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  using Mask = MaskOf<V>;
+  const Mask no_alpha = s.aggr_alpha == ALPHA_PROD  ? Mask((px.g[3] == T(0)) | (px.rgba[3] == T(1)))
+                        : s.aggr_alpha == ALPHA_SUM ? Mask(px.g[3] == T(0))
+                                                    : Bt::all();
+  if (!Bt::any(no_alpha)) return no_alpha;
+  const Mask no_rgb = (px.g[0] == T(0)) & (px.g[1] == T(0)) & (px.g[2] == T(0));
+  const Mask rgb_inert = s.aggr_rgb == RGB_HARD ? Mask(px.fbest != Bt::splat_int(f))
+                                                : softmax_weight_underflows(info, s, px.smax);
+  return no_alpha & (no_rgb | rgb_inert);
 }
 
-// Texture-gradient targets of one pair: grad_tex[index[i]][k] += weight[i] * g_k.
+// §5.2: gradients of the pairs (pixel, face f) in mask (coverage already evaluated). Adds the
+// geometry gradient to grad (9 values, x y z per vertex; one partial sum per lane) and returns
+// the texture gradient per pixel, for the caller to spread: grad_tex[texel] += tex_weight * g
+// (surface), grad_tex[v] += tex_weight * wb[v] * g (vertex); tex_weight 0: none.
+// With rgb_geometry_grad false the RGB image is treated as if the geometry were detached (its
+// gradient reaches the textures only), while alpha keeps its geometry gradient: one render then
+// serves both a silhouette loss and a texture loss that must not move the shape.
+// Where the original is undefined or drops a term by accident, the intended rule is used:
+// one-hot texel gradient (§5.3.6), zero gradient of hard alpha, and faces outside [near, far]
+// keep their alpha gradient (they do feed alpha in the forward).
+template <typename V>
+UMR_HD void backward_pair(const ValueOf<V>* info, const ValueOf<V>* tex, int f, const Coverage<V>& cov,
+                          MaskOf<V> mask, const Settings<ValueOf<V>>& s, const PixelSaved<V>& px, V* grad, V* wb,
+                          V& tex_weight, IntOf<V>& texel) {
+  using Bt = Batch<V>;
+  using T = ValueOf<V>;
+  using Mask = MaskOf<V>;
+  const V zero = Bt::splat(T(0));
+  V dD = zero;  // dL/dD of each pair
+  if (s.aggr_alpha == ALPHA_PROD) {
+    dD = px.g[3] * (T(1) - px.rgba[3]) / Bt::max(T(1) - cov.D, Bt::splat(T(1e-6)));
+  } else if (s.aggr_alpha == ALPHA_SUM) {
+    dD = px.g[3] / T(s.num_faces);
+  }
+  const V zp = clipped_depth(info, cov.w, wb);
+  const bool facing = s.double_side || info[22] != T(0);
+  const Mask rgb = facing ? Mask(mask & (zp >= s.near) & (zp <= s.far)) : Bt::none();
+  tex_weight = zero;
+  if (Bt::any(rgb)) {
+    if (s.aggr_rgb == RGB_SOFTMAX) {
+      V color[3];
+      face_color(tex, wb, rgb, s, color, texel);
+      const V zeta = (s.far - zp) * s.inv_depth_range;
+      const V weight_over_D = Bt::exp((zeta - px.smax) * s.inv_gamma) / px.ssum;  // omega / D
+      const V omega = weight_over_D * cov.D;
+      const V lam =
+          px.g[0] * (color[0] - px.rgba[0]) + px.g[1] * (color[1] - px.rgba[1]) + px.g[2] * (color[2] - px.rgba[2]);
+      if (s.rgb_geometry_grad) {
+        dD = Bt::select(rgb, dD + weight_over_D * lam, dD);
+        // closeness -> depth -> vertex depths, clipped barycentrics held fixed (§5.3.2)
+        const V dz = -omega * lam * s.inv_gamma * s.inv_depth_range * zp * zp;
+        for (int i = 0; i < 3; ++i)
+          grad[3 * i + 2] = grad[3 * i + 2] + Bt::select(rgb, dz * wb[i] * info[27 + i] * info[27 + i], zero);
+      }
+      tex_weight = Bt::select(rgb, omega, zero);
+    } else {
+      const Mask winner = rgb & (px.fbest == Bt::splat_int(f));
+      tex_weight = Bt::select(winner, Bt::splat(T(1)), zero);
+      if (s.texture_type == TEX_SURFACE) texel = surface_texel(wb, s.tex_res);
+    }
+  }
+  if (s.dist_func == DIST_HARD) return;
+  const V d_eta = dD * cov.D * (T(1) - cov.D) * s.inv_sigma;  // through the sigmoid
+  // zero where saturated (D exactly 0 or 1)
+  const Mask live = mask & (dD != T(0)) & (d_eta != T(0));
+  if (!Bt::any(live)) return;
+  if (s.dist_func == DIST_EUCLIDEAN) {
+    const V k = T(2) * cov.sign * d_eta;
+    for (int i = 0; i < 3; ++i) {
+      grad[3 * i] = grad[3 * i] + Bt::select(live, k * cov.coef[i] * cov.qp[0], zero);
+      grad[3 * i + 1] = grad[3 * i + 1] + Bt::select(live, k * cov.coef[i] * cov.qp[1], zero);
+    }
+  } else {
+    const V k = -d_eta * T(2) * Bt::select(cov.wm > T(0), cov.wm, -cov.wm);
+    for (int i = 0; i < 3; ++i) {
+      grad[3 * i] = grad[3 * i] + Bt::select(live, k * cov.am[0] * cov.w[i], zero);
+      grad[3 * i + 1] = grad[3 * i + 1] + Bt::select(live, k * cov.am[1] * cov.w[i], zero);
+    }
+  }
+}
+
+// Texture-gradient targets of one pixel's pair: grad_tex[index[i]][k] += weight[i] * g_k.
 template <typename T>
 struct TextureGrad {
   int count;
@@ -464,91 +636,24 @@ struct TextureGrad {
   T weight[3];
 };
 
-// §5.2: gradient of one (pixel, face) pair. g: incoming RGBA gradient at the pixel; rgba: the
-// pixel's forward output; ssum, smax, fbest: the pixel's saved softmax state and z-buffer
-// winner. Adds to grad_face (9 values, x y z per vertex) and describes the texture gradient.
-// With rgb_geometry_grad false the RGB image is treated as if the geometry were detached (its
-// gradient reaches the textures only), while alpha keeps its geometry gradient: one render then
-// serves both a silhouette loss and a texture loss that must not move the shape.
-// Where the original is undefined or drops a term by accident, the intended rule is used:
-// one-hot texel gradient (§5.3.6), zero gradient of hard alpha, and faces outside [near, far]
-// keep their alpha gradient (they do feed alpha in the forward).
+// backward_pair's texture gradient of one pixel as TextureGrad.
 template <typename T>
-UMR_HD void backward_pair(const T* info, const T* tex, int f, const Coverage<T>& cov, const Settings<T>& s,
-                          const T* g, const T* rgba, T ssum, T smax, int fbest, T* grad_face, TextureGrad<T>& tg) {
+UMR_HD TextureGrad<T> texture_grad(const Settings<T>& s, T tex_weight, const T* wb, int texel) {
+  TextureGrad<T> tg;
   tg.count = 0;
-  T dD = T(0);  // dL/dD of this pair
-  if (s.aggr_alpha == ALPHA_PROD) {
-    dD = g[3] * (T(1) - rgba[3]) / umr_max(T(1) - cov.D, T(1e-6));
-  } else if (s.aggr_alpha == ALPHA_SUM) {
-    dD = g[3] / T(s.num_faces);
-  }
-  T wb[3];
-  const T zp = clipped_depth(info, cov.w, wb);
-  const bool facing = s.double_side || info[22] != T(0);
-  if (zp >= s.near && zp <= s.far && facing) {
-    if (s.aggr_rgb == RGB_SOFTMAX) {
-      T color[3];
-      face_color(tex, wb, s, color);
-      const T zeta = (s.far - zp) * s.inv_depth_range;
-      const T weight_over_D = umr_exp((zeta - smax) * s.inv_gamma) / ssum;  // omega / D
-      const T omega = weight_over_D * cov.D;
-      const T lam = g[0] * (color[0] - rgba[0]) + g[1] * (color[1] - rgba[1]) + g[2] * (color[2] - rgba[2]);
-      if (s.rgb_geometry_grad) {
-        dD += weight_over_D * lam;
-        // closeness -> depth -> vertex depths, clipped barycentrics held fixed (§5.3.2)
-        const T dz = -omega * lam * s.inv_gamma * s.inv_depth_range * zp * zp;
-        for (int i = 0; i < 3; ++i) grad_face[3 * i + 2] += dz * wb[i] * info[27 + i] * info[27 + i];
-      }
-      if (s.texture_type == TEX_SURFACE) {
-        tg.count = 1;
-        tg.index[0] = surface_texel(wb, s.tex_res);
-        tg.weight[0] = omega;
-      } else {
-        tg.count = 3;
-        for (int i = 0; i < 3; ++i) {
-          tg.index[i] = i;
-          tg.weight[i] = omega * wb[i];
-        }
-      }
-    } else if (f == fbest) {
-      if (s.texture_type == TEX_SURFACE) {
-        tg.count = 1;
-        tg.index[0] = surface_texel(wb, s.tex_res);
-        tg.weight[0] = T(1);
-      } else {
-        tg.count = 3;
-        for (int i = 0; i < 3; ++i) {
-          tg.index[i] = i;
-          tg.weight[i] = wb[i];
-        }
-      }
-    }
-  }
-  if (s.dist_func == DIST_HARD || dD == T(0)) return;
-  const T d_eta = dD * cov.D * (T(1) - cov.D) * s.inv_sigma;  // through the sigmoid
-  if (d_eta == T(0)) return;  // saturated coverage (D is exactly 0 or 1)
-  if (s.dist_func == DIST_EUCLIDEAN) {
-    const T k = T(2) * cov.sign * d_eta;
-    for (int i = 0; i < 3; ++i) {
-      grad_face[3 * i] += k * cov.coef[i] * cov.qp[0];
-      grad_face[3 * i + 1] += k * cov.coef[i] * cov.qp[1];
-    }
+  if (tex_weight == T(0)) return tg;
+  if (s.texture_type == TEX_SURFACE) {
+    tg.count = 1;
+    tg.index[0] = texel;
+    tg.weight[0] = tex_weight;
   } else {
-    const T* A = info + 9;
-    const T wm = cov.w[cov.m];
-    const T k = -d_eta * T(2) * (wm > T(0) ? wm : -wm);
+    tg.count = 3;
     for (int i = 0; i < 3; ++i) {
-      grad_face[3 * i] += k * A[3 * cov.m] * cov.w[i];
-      grad_face[3 * i + 1] += k * A[3 * cov.m + 1] * cov.w[i];
+      tg.index[i] = i;
+      tg.weight[i] = tex_weight * wb[i];
     }
   }
-}
-
-// Does face range (c_lo, c_hi, r_lo, r_hi) reach tile (tx, ty)?
-UMR_HD bool range_hits_tile(const int* range, int tx, int ty) {
-  return range[0] <= range[1] && range[2] <= range[3] && range[1] >= tx * kTileSize &&
-         range[0] < (tx + 1) * kTileSize && range[3] >= ty * kTileSize && range[2] < (ty + 1) * kTileSize;
+  return tg;
 }
 
 }  // namespace umr
