@@ -16,6 +16,17 @@ CUDA = pytest.param("cuda", marks=[pytest.mark.cuda,
                                    pytest.mark.skipif(not cuda_ready(), reason="no CUDA device or CUDA kernel")])
 
 
+def to_device(tree, device):
+    """The tensors of a (nested) dict, list or tuple moved to device; other leaves unchanged."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_device(v, device) for v in tree)
+    return tree
+
+
 @pytest.fixture(params=["cpu", CUDA])
 def device(request) -> torch.device:
     """Each available device: the CPU, and CUDA where there is one (marked ``cuda``)."""

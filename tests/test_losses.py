@@ -15,6 +15,8 @@ from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
 from umr.quirks import Quirks
 from umr.renderer import SoftRenderer, face_pixel_centers
 
+from conftest import to_device
+
 SIZE = 64
 
 
@@ -41,16 +43,17 @@ def turned(cams, degrees, axis=(0.0, 1.0, 0.0)):
     return rotate_cam(cams, torch.full((len(cams),), float(degrees)), axis)
 
 
-def test_neg_iou_known_values():
-    mask = (torch.rand(2, 8, 8) > 0.5).float()
-    torch.testing.assert_close(L.neg_iou(mask, mask), torch.zeros(2), atol=1e-6, rtol=0)
-    torch.testing.assert_close(L.neg_iou(torch.zeros_like(mask), mask), torch.ones(2))
-    half = torch.zeros(1, 4, 4)
+def test_neg_iou_known_values(device):
+    mask = (torch.rand(2, 8, 8) > 0.5).float().to(device)
+    torch.testing.assert_close(L.neg_iou(mask, mask).cpu(), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(L.neg_iou(torch.zeros_like(mask), mask).cpu(), torch.ones(2))
+    half = torch.zeros(1, 4, 4, device=device)
     half[:, :, :2] = 1
-    torch.testing.assert_close(L.neg_iou(torch.ones(1, 4, 4), half), torch.tensor([0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(L.neg_iou(torch.ones_like(half), half).cpu(), torch.tensor([0.5]), atol=1e-6, rtol=0)
 
 
-def test_mask_loss_of_the_true_mesh_is_near_zero(birds):
+def test_mask_loss_of_the_true_mesh_is_near_zero(birds, device):
+    birds = to_device(birds, device)
     renderer = SoftRenderer(SIZE)
     mask = birds["batch"]["mask"]
     true = L.mask_loss(renderer(birds["verts"], birds["faces"], birds["cams"]).image[:, 3], mask)
@@ -62,19 +65,22 @@ def test_mask_loss_of_the_true_mesh_is_near_zero(birds):
         previous = loss
 
 
-def test_multi_mask_loss_weights_hypotheses():
-    mask = (torch.rand(2, 8, 8) > 0.5).float()
+def test_multi_mask_loss_weights_hypotheses(device):
+    mask = (torch.rand(2, 8, 8) > 0.5).float().to(device)
     alphas = torch.stack([mask, torch.zeros_like(mask)], dim=1)  # hypothesis 0 perfect, 1 empty
-    assert L.multi_mask_loss(alphas, mask, torch.tensor([[1.0, 0.0], [1.0, 0.0]])) < 1e-6
-    torch.testing.assert_close(L.multi_mask_loss(alphas, mask, torch.tensor([[0.25, 0.75], [0.5, 0.5]])), torch.tensor(0.625))
+    assert L.multi_mask_loss(alphas, mask, torch.tensor([[1.0, 0.0], [1.0, 0.0]], device=device)) < 1e-6
+    probs = torch.tensor([[0.25, 0.75], [0.5, 0.5]], device=device)
+    torch.testing.assert_close(L.multi_mask_loss(alphas, mask, probs).cpu(), torch.tensor(0.625))
 
 
-def test_entropy_of_uniform_is_log_k():
-    torch.testing.assert_close(L.camera_entropy(torch.full((3, 8), 1 / 8)), torch.tensor(math.log(8)))
-    assert L.camera_entropy(torch.eye(8)[:2]) < 1e-6
+def test_entropy_of_uniform_is_log_k(device):
+    entropy = L.camera_entropy(torch.full((3, 8), 1 / 8, device=device))
+    torch.testing.assert_close(entropy.cpu(), torch.tensor(math.log(8)))
+    assert L.camera_entropy(torch.eye(8, device=device)[:2]) < 1e-6
 
 
-def test_texture_cycle_zero_when_flow_is_at_face_centres(birds):
+def test_texture_cycle_zero_when_flow_is_at_face_centres(birds, device):
+    birds = to_device(birds, device)
     out = SoftRenderer(SIZE)(birds["verts"], birds["faces"], birds["cams"])
     F = birds["faces"].shape[0]
     centres, visible = face_pixel_centers(out.face_index, F)
@@ -93,17 +99,17 @@ def test_texture_cycle_zero_when_flow_is_at_face_centres(birds):
     torch.testing.assert_close(target, centres)
     assert torch.all(vis[:, -1]) and torch.equal(vis[:, :-1], visible[:, :-1])
     # q2: stage 1 takes SoftRas' p2f (q1 does not touch stage 1)
-    p2f = torch.rand(3, F, 2)
+    p2f = torch.rand(3, F, 2, device=device)
     target, _ = L.cycle_target(out.face_index, F, p2f, 1, Quirks(q2_softras_p2f=True))
     assert torch.equal(target, p2f)
     target, _ = L.cycle_target(out.face_index, F, p2f, 1, Quirks(q1_zero_cycle_target=True))
     torch.testing.assert_close(target, centres)
 
 
-def test_texture_dt_loss(birds):
-    batch = birds["batch"]
-    inside = torch.zeros(3, 4, 6, 6, 2)  # the image centre, on the bird
-    corner = torch.full((3, 4, 6, 6, 2), -0.98)
+def test_texture_dt_loss(birds, device):
+    batch = to_device(birds["batch"], device)
+    inside = torch.zeros(3, 4, 6, 6, 2, device=device)  # the image centre, on the bird
+    corner = torch.full((3, 4, 6, 6, 2), -0.98, device=device)
     assert L.texture_dt_loss(inside, batch["mask_dt"]) < 0.2 < 0.9 < L.texture_dt_loss(corner, batch["mask_dt"])
 
 
@@ -111,7 +117,8 @@ def part_vertices_of(face_parts, faces):
     return {name: torch.unique(faces[face_parts == label].flatten()) for label, name in enumerate(L.PART_NAMES, start=1)}
 
 
-def test_part_matching_prefers_the_true_pose(birds):
+def test_part_matching_prefers_the_true_pose(birds, device):
+    birds = to_device(birds, device)
     batch = birds["batch"]
     labels = birds["face_parts"][:, None].expand(-1, 36)
     loss = L.PartMatchingLoss(labels, SoftRenderer(SIZE).ambient_light_only())
@@ -121,24 +128,27 @@ def test_part_matching_prefers_the_true_pose(birds):
         assert loss(birds["verts"], birds["faces"], turned(birds["cams"], degrees), maps) > true
 
 
-def test_vertex_correspondence_prefers_the_true_pose(birds):
+def test_vertex_correspondence_prefers_the_true_pose(birds, device):
+    birds = to_device(birds, device)
     batch = birds["batch"]
+    one, other, half = (torch.tensor([p], device=device) for p in ([1.0, 0.0], [0.0, 1.0], [0.5, 0.5]))
     parts = part_vertices_of(birds["face_parts"], birds["faces"])
     for b in range(3):
         # turned in the image plane: the parts land elsewhere
         hyps = torch.stack([birds["cams"][b : b + 1], turned(birds["cams"][b : b + 1], 60, (0.0, 0.0, 1.0))], dim=1)
         points = {p: batch[f"{p}_points"][b : b + 1] for p in L.PART_NAMES}
-        true = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, torch.tensor([[1.0, 0.0]]), points)
-        wrong = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, torch.tensor([[0.0, 1.0]]), points)
+        true = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, one, points)
+        wrong = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, other, points)
         assert true < wrong
-        mixed = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, torch.tensor([[0.5, 0.5]]), points)
+        mixed = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, half, points)
         torch.testing.assert_close(mixed, (true + wrong) / 2)
 
 
-def test_vertex_correspondence_chooses_the_semantically_right_hypothesis(birds):
+def test_vertex_correspondence_chooses_the_semantically_right_hypothesis(birds, device):
     """The probabilities get the vertex loss's gradient (towards the hypothesis whose parts land
     on the image's parts), so semantic consistency selects hypotheses; train_probs=False (the
     original, --compat) detaches them: only silhouettes would choose."""
+    birds = to_device(birds, device)
     batch = birds["batch"]
     parts = part_vertices_of(birds["face_parts"], birds["faces"])
     for b in range(3):
@@ -146,7 +156,7 @@ def test_vertex_correspondence_chooses_the_semantically_right_hypothesis(birds):
         # other side of the symmetric bird, the head at the other end
         hyps = torch.stack([birds["cams"][b : b + 1], turned(birds["cams"][b : b + 1], 180)], dim=1).requires_grad_()
         points = {p: batch[f"{p}_points"][b : b + 1] for p in L.PART_NAMES}
-        logits = torch.zeros(1, 2, requires_grad=True)
+        logits = torch.zeros(1, 2, device=device, requires_grad=True)
         L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, logits.softmax(1), points).backward()
         assert logits.grad[0, 0] < 0 < logits.grad[0, 1]  # descent raises the true camera's probability
         logits.grad = None
@@ -170,19 +180,19 @@ def test_face_sample_labels_nearest_vs_compat_rounding():
     assert nearest.shape == (1280, 36) and torch.equal(nearest[656:], nearest[32:656])
 
 
-def test_part_map_normalisation_epsilon():
-    prob = torch.rand(2, 5, 8, 8)
+def test_part_map_normalisation_epsilon(device):
+    prob = torch.rand(2, 5, 8, 8).to(device)
     prob[1, 3] = 0  # part 3 absent from image 1
-    mask = torch.ones(2, 8, 8)
+    mask = torch.ones(2, 8, 8, device=device)
     maps = L.normalise_part_maps(prob, mask)
     assert torch.isfinite(maps).all() and torch.all(maps[1, 3] == 0)
-    torch.testing.assert_close(maps[0].flatten(1).max(1).values, torch.ones(5))
+    torch.testing.assert_close(maps[0].flatten(1).max(1).values.cpu(), torch.ones(5))
     original = L.normalise_part_maps(prob, mask, no_epsilon=True)  # q17_no_epsilon
     assert torch.isnan(original[1, 3]).all() and torch.equal(original[0], maps[0])
 
 
-def test_regulariser_gradients():
-    delta = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+def test_regulariser_gradients(device):
+    delta = torch.randn(2, 5, 3, dtype=torch.float64).to(device).requires_grad_()
     assert torch.autograd.gradcheck(L.deform_loss, (delta,))
     assert torch.autograd.gradcheck(lambda v: L.orientation_loss(v), (delta,))
 
@@ -227,16 +237,16 @@ def test_perceptual_distance_without_weights_names_the_flag(tmp_path, monkeypatc
         L.make_texture_distance("perceptual")
 
 
-def texture_term_grads(stage, quirks):
+def texture_term_grads(stage, quirks, device):
     torch.manual_seed(0)
-    model = MeshNet(stage=stage, img_size=SIZE, pretrained_encoder=False, quirks=quirks)
+    model = MeshNet(stage=stage, img_size=SIZE, pretrained_encoder=False, quirks=quirks).to(device)
     config = ObjectiveConfig.for_stage(stage, image_size=SIZE, texture_loss="l1", use_gan=False, quirks=quirks)
     if stage == 1:
         objective = Stage1Objective(model, config)
     else:
         labels = torch.randint(0, 5, (1280, 36))
         parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(L.PART_NAMES)}
-        objective = Stage2Objective(model, config, labels, parts)
+        objective = Stage2Objective(model, config, labels.to(device), to_device(parts, device))
     batch = {
         "img": torch.rand(2, 3, SIZE, SIZE),
         "mask": torch.zeros(2, SIZE, SIZE),
@@ -245,6 +255,7 @@ def texture_term_grads(stage, quirks):
         **{f"{p}_points": torch.rand(2, 10, 2) - 0.5 for p in L.PART_NAMES},
     }
     batch["mask"][:, 16:48, 10:54] = 1
+    batch = to_device(batch, device)
     out = model(batch["img"])
     args = (out, batch, 0) if stage == 1 else (out, batch, 0, model.get_mean_shape())
     _, terms = objective(*args)
@@ -257,25 +268,25 @@ def texture_term_grads(stage, quirks):
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_texture_losses_do_not_move_shape_or_camera(stage):
-    shape, cam, texture = texture_term_grads(stage, Quirks())
+def test_texture_losses_do_not_move_shape_or_camera(stage, device):
+    shape, cam, texture = texture_term_grads(stage, Quirks(), device)
     assert shape == 0 and cam == 0 and texture > 0
     # the original let the perceptual loss reach them through the undetached silhouette (q4)
-    shape, cam, texture = texture_term_grads(stage, Quirks(q4_texture_moves_geometry=True))
+    shape, cam, texture = texture_term_grads(stage, Quirks(q4_texture_moves_geometry=True), device)
     assert shape > 0 and cam > 0 and texture > 0
 
 
-def test_gan_loss_trains_discriminator_and_reverses_generator_gradient():
+def test_gan_loss_trains_discriminator_and_reverses_generator_gradient(device):
     torch.manual_seed(0)
-    disc = Discriminator(0.2, 1, 64)
-    real = torch.rand(2, 1, 64, 64)
-    fake = torch.rand(2, 1, 64, 64, requires_grad=True)
+    disc = Discriminator(0.2, 1, 64).to(device)
+    real = torch.rand(2, 1, 64, 64).to(device)
+    fake = torch.rand(2, 1, 64, 64).to(device).requires_grad_()
     loss = L.gan_loss(disc, real, fake)
     loss.backward()
     fake_grad = fake.grad.clone()
     # without the GRL the generator gradient is the opposite, scaled by 1/0.2
     fake.grad = None
     logits = disc.fc(disc.conv(torch.cat([real, fake])).flatten(1))
-    labels = torch.cat([torch.ones(2, 1), torch.zeros(2, 1)])
+    labels = torch.cat([torch.ones(2, 1), torch.zeros(2, 1)]).to(device)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
     torch.testing.assert_close(fake_grad, -0.2 * fake.grad)

@@ -18,7 +18,7 @@ def random_cams(batch, seed):
     return torch.cat([scale, trans, quat], dim=1)
 
 
-def test_project_points_is_where_the_renderer_draws():
+def test_project_points_is_where_the_renderer_draws(device):
     # spec §17 and the issue: a small triangle's rendered centroid lies within half a pixel of
     # its projected centroid, for random cameras (y down, no flip, pixel-centre convention)
     size = 64
@@ -30,47 +30,50 @@ def test_project_points_is_where_the_renderer_draws():
         cam = random_cams(1, seed=trial)
         # face the triangle towards the camera so it is not seen edge-on
         cam[:, 3:] = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1 * trial, -0.05 * trial, 0.02]]), dim=-1)
-        alpha = renderer(tri, torch.tensor([[0, 1, 2]]), cam).image[0, 3]
+        tri, cam = tri.to(device), cam.to(device)
+        alpha = renderer(tri, torch.tensor([[0, 1, 2]], device=device), cam).image[0, 3].cpu()
         rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
         mass = alpha.sum()
         assert mass > 3  # a few pixels
         drawn = torch.stack([(alpha * cols).sum() / mass, (alpha * rows).sum() / mass])
-        projected = project_points(tri, cam)[0].mean(0)
+        projected = project_points(tri, cam)[0].mean(0).cpu()
         expected_pixel = (projected + 1) * size / 2 - 0.5
         assert torch.all((drawn - expected_pixel).abs() < 0.5), (drawn, expected_pixel)
 
 
-def test_origin_renders_at_translation_pixel():
+def test_origin_renders_at_translation_pixel(device):
     # spec §17: the origin with [1, tx, ty, identity] projects to (tx, ty) and renders at
     # column (tx + 1)·W/2 − ½ (rasterizer pixel-centre convention)
     size = 32
     verts, faces = M.icosphere(2)
-    verts = torch.from_numpy(verts).float()[None] * 0.1
+    verts = torch.from_numpy(verts).float()[None].to(device) * 0.1
     for tx, ty in [(0.0, 0.0), (0.25, -0.5), (-0.6, 0.3)]:
-        cam = torch.tensor([[1.0, tx, ty, 1.0, 0.0, 0.0, 0.0]])
-        torch.testing.assert_close(project_points(torch.zeros(1, 1, 3), cam)[0, 0], torch.tensor([tx, ty]))
-        alpha = SoftRenderer(image_size=size)(verts, torch.from_numpy(faces), cam).image[0, 3]
+        cam = torch.tensor([[1.0, tx, ty, 1.0, 0.0, 0.0, 0.0]], device=device)
+        origin = project_points(torch.zeros(1, 1, 3, device=device), cam)[0, 0]
+        torch.testing.assert_close(origin.cpu(), torch.tensor([tx, ty]))
+        alpha = SoftRenderer(image_size=size)(verts, torch.from_numpy(faces).to(device), cam).image[0, 3].cpu()
         rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
         centroid = torch.stack([(alpha * cols).sum(), (alpha * rows).sum()]) / alpha.sum()
         torch.testing.assert_close(centroid, (torch.tensor([tx, ty]) + 1) * size / 2 - 0.5, atol=0.05, rtol=0)
 
 
-def test_mirrored_mesh_renders_mirrored_image():
+def test_mirrored_mesh_renders_mirrored_image(device):
     verts, faces = M.icosphere(3)
     g = torch.Generator().manual_seed(1)
     # float64: in float32 the softmax (gamma 1e-4) amplifies rounding to ~2e-5
-    verts = torch.from_numpy(verts) * (1 + 0.3 * torch.rand(len(verts), 1, generator=g, dtype=torch.float64))
-    faces = torch.from_numpy(faces)
-    cam = torch.tensor([[0.6, 0.1, -0.05, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-    mirrored_cam = cam * torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    verts = (torch.from_numpy(verts) * (1 + 0.3 * torch.rand(len(verts), 1, generator=g, dtype=torch.float64))).to(device)
+    faces = torch.from_numpy(faces).to(device)
+    cam = torch.tensor([[0.6, 0.1, -0.05, 1.0, 0.0, 0.0, 0.0]], dtype=torch.float64, device=device)
+    mirrored_cam = cam * torch.tensor([1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64, device=device)
     renderer = SoftRenderer(image_size=48)  # default lighting: shading must mirror too
     image = renderer(verts[None], faces, cam).image
     # mirror x and reverse each face's winding, so normals mirror as well
-    mirrored = renderer((verts * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64))[None], faces[:, [0, 2, 1]], mirrored_cam).image
+    flip_x = torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64, device=device)
+    mirrored = renderer((verts * flip_x)[None], faces[:, [0, 2, 1]], mirrored_cam).image
     torch.testing.assert_close(mirrored, image.flip(-1), atol=1e-9, rtol=0)
 
 
-def test_lighting_and_texture_colours():
+def test_lighting_and_texture_colours(device):
     # a triangle in the object frame, identity camera: its screen normal decides the shade
     tri = torch.tensor([[[-0.5, -0.3, 0.2], [0.5, -0.3, 0.2], [0.0, 0.4, -0.3]]])
     faces = torch.tensor([[0, 1, 2]])
@@ -80,28 +83,29 @@ def test_lighting_and_texture_colours():
     normal = np.cross(screen[1] - screen[0], screen[2] - screen[0])
     normal /= np.linalg.norm(normal)
     expected = colour * (0.8 + 0.5 * max(0.0, normal[1]))
-    image = SoftRenderer(image_size=32)(tri, faces, IDENTITY_CAM, textures).image
+    tri, faces, cam, textures = tri.to(device), faces.to(device), IDENTITY_CAM.to(device), textures.to(device)
+    image = SoftRenderer(image_size=32)(tri, faces, cam, textures).image.cpu()
     centre = image[0, :3, 16, 16]  # inside the triangle
     torch.testing.assert_close(centre, expected, atol=1e-5, rtol=0)
-    ambient = SoftRenderer(image_size=32).ambient_light_only()(tri, faces, IDENTITY_CAM, textures).image
+    ambient = SoftRenderer(image_size=32).ambient_light_only()(tri, faces, cam, textures).image.cpu()
     torch.testing.assert_close(ambient[0, :3, 16, 16], colour, atol=1e-5, rtol=0)
     assert ambient[0, 3, 0, 0] == 0 and torch.all(ambient[0, :3, 0, 0] == 0)  # black background
     tinted = SoftRenderer(image_size=32, light_color_ambient=(1.0, 0.5, 0.25)).ambient_light_only()
     tinted.light_intensity_ambient = 0.8
-    image = tinted(tri, faces, IDENTITY_CAM, textures).image
+    image = tinted(tri, faces, cam, textures).image.cpu()
     torch.testing.assert_close(image[0, :3, 16, 16], colour * torch.tensor([0.8, 0.4, 0.2]), atol=1e-5, rtol=0)
 
 
-def test_textures_from_a_texture_flow_plug_in():
+def test_textures_from_a_texture_flow_plug_in(device):
     mesh = M.symmetric_template(3)
-    verts = torch.from_numpy(mesh.verts).float()[None].repeat(2, 1, 1)
-    faces = torch.from_numpy(mesh.faces)
-    flow = torch.rand(2, 1280, 6, 6, 2) * 2 - 1
-    image = torch.rand(2, 3, 32, 32)
+    verts = torch.from_numpy(mesh.verts).float()[None].repeat(2, 1, 1).to(device)
+    faces = torch.from_numpy(mesh.faces).to(device)
+    flow = (torch.rand(2, 1280, 6, 6, 2) * 2 - 1).to(device)
+    image = torch.rand(2, 3, 32, 32).to(device)
     textures = sample_textures(flow, image)  # (B, F, T, T, 3) as the networks produce them
     assert textures.shape == (2, 1280, 6, 6, 3)
     renderer = SoftRenderer(image_size=32).ambient_light_only()
-    cams = random_cams(2, seed=2)
+    cams = random_cams(2, seed=2).to(device)
     a = renderer(verts, faces, cams, textures).image
     b = renderer(verts, faces, cams, textures.reshape(2, 1280, 36, 3)).image
     assert torch.equal(a, b)
@@ -110,20 +114,21 @@ def test_textures_from_a_texture_flow_plug_in():
     torch.testing.assert_close(a, c)
 
 
-def test_vertex_colours_render():
+def test_vertex_colours_render(device):
     verts, faces = M.icosphere(2)
-    verts, faces = torch.from_numpy(verts).float()[None], torch.from_numpy(faces)
-    colours = torch.full((1, len(verts[0]), 3), 0.5)
+    verts, faces = torch.from_numpy(verts).float()[None].to(device), torch.from_numpy(faces).to(device)
+    colours = torch.full((1, len(verts[0]), 3), 0.5, device=device)
     renderer = SoftRenderer(image_size=32, texture_type="vertex").ambient_light_only()
-    image = renderer(verts, faces, torch.tensor([[0.5, 0, 0, 1.0, 0, 0, 0]]), colours).image
-    torch.testing.assert_close(image[0, :3, 16, 16], torch.full((3,), 0.5), atol=1e-5, rtol=0)
+    image = renderer(verts, faces, torch.tensor([[0.5, 0, 0, 1.0, 0, 0, 0]], device=device), colours).image
+    torch.testing.assert_close(image[0, :3, 16, 16].cpu(), torch.full((3,), 0.5), atol=1e-5, rtol=0)
 
 
-def test_face_pixel_centers_matches_loop():
+def test_face_pixel_centers_matches_loop(device):
     g = torch.Generator().manual_seed(3)
     face_index = torch.randint(-1, 5, (2, 7, 9), generator=g)
     for align_corners in (True, False):
-        centers, visible = face_pixel_centers(face_index, 6, align_corners=align_corners)
+        centers, visible = face_pixel_centers(face_index.to(device), 6, align_corners=align_corners)
+        centers, visible = centers.cpu(), visible.cpu()
         assert centers.shape == (2, 6, 2) and visible.shape == (2, 6)
         for b in range(2):
             for f in range(6):
@@ -139,12 +144,12 @@ def test_face_pixel_centers_matches_loop():
                 np.testing.assert_allclose(centers[b, f].numpy(), [x.mean(), y.mean()], atol=1e-6)
 
 
-def test_face_pixel_centers_agrees_with_projection():
+def test_face_pixel_centers_agrees_with_projection(device):
     # the visible faces' pixel centres are near their projected centroids
     mesh = M.symmetric_template(3)
-    verts = torch.from_numpy(mesh.verts).float()[None]
-    faces = torch.from_numpy(mesh.faces)
-    cam = random_cams(1, seed=4)
+    verts = torch.from_numpy(mesh.verts).float()[None].to(device)
+    faces = torch.from_numpy(mesh.faces).to(device)
+    cam = random_cams(1, seed=4).to(device)
     out = SoftRenderer(image_size=64)(verts, faces, cam)
     centers, visible = face_pixel_centers(out.face_index, 1280, align_corners=False)
     projected = project_points(verts, cam)[0][faces].mean(1)
@@ -157,23 +162,23 @@ def iou(a, b):
     return (a & b).sum().float() / (a | b).sum().float()
 
 
-def test_optimising_a_sphere_to_a_silhouette():
+def test_optimising_a_sphere_to_a_silhouette(device):
     torch.manual_seed(0)
     mesh = M.symmetric_template(3)
-    faces = torch.from_numpy(mesh.faces)
-    sphere = torch.from_numpy(mesh.verts).float()
+    faces = torch.from_numpy(mesh.faces).to(device)
+    sphere = torch.from_numpy(mesh.verts).float().to(device)
     # target: an ellipsoid with a bump, seen from two known views
-    target = sphere * torch.tensor([1.3, 0.6, 0.8])
-    target = target + 0.35 * torch.relu(target[:, :1]) * torch.tensor([1.0, 0.0, 0.0])
+    target = sphere * torch.tensor([1.3, 0.6, 0.8], device=device)
+    target = target + 0.35 * torch.relu(target[:, :1]) * torch.tensor([1.0, 0.0, 0.0], device=device)
     angle = torch.tensor([0.4, -0.7])
     quats = axis_angle_to_quat(torch.tensor([[0.3, 1.0, 0.1], [1.0, 0.2, 0.0]]), angle)
-    cams = torch.cat([torch.full((2, 1), 0.55), torch.zeros(2, 2), quats], dim=1)
+    cams = torch.cat([torch.full((2, 1), 0.55), torch.zeros(2, 2), quats], dim=1).to(device)
     renderer = SoftRenderer(image_size=64, sigma_val=1e-4)
     with torch.no_grad():
         target_alpha = renderer(target[None].repeat(2, 1, 1), faces, cams).image[:, 3]
     offsets = torch.zeros_like(sphere, requires_grad=True)
     optimiser = torch.optim.Adam([offsets], lr=0.01)
-    laplacian = M.LaplacianLoss(mesh.faces, len(sphere))
+    laplacian = M.LaplacianLoss(mesh.faces, len(sphere)).to(device)
     for _ in range(150):
         verts = (sphere + offsets)[None].repeat(2, 1, 1)
         alpha = renderer(verts, faces, cams).image[:, 3]
@@ -190,9 +195,11 @@ def test_optimising_a_sphere_to_a_silhouette():
     assert iou(final > 0.5, target_alpha > 0.5) >= 0.9
 
 
-def test_renderer_follows_dtype():
+def test_renderer_follows_dtype_and_device(device):
     verts, faces = M.icosphere(1)
-    verts = torch.from_numpy(verts)[None]
-    out = SoftRenderer(image_size=16)(verts, torch.from_numpy(faces), IDENTITY_CAM.double() * torch.tensor([0.5, 1, 1, 1, 1, 1, 1]))
+    verts = torch.from_numpy(verts)[None].to(device)
+    cam = (IDENTITY_CAM.double() * torch.tensor([0.5, 1, 1, 1, 1, 1, 1])).to(device)
+    out = SoftRenderer(image_size=16)(verts, torch.from_numpy(faces).to(device), cam)
     assert out.image.dtype == torch.float64 and out.depth.dtype == torch.float64
+    assert out.image.device == device and out.face_index.device == device
     assert out.image.shape == (1, 4, 16, 16) and out.face_index.shape == (1, 32, 32)
