@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import to_device
 from torch.utils.data import default_collate
 
 from data import synth_birds
@@ -14,8 +15,6 @@ from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
 from umr.quirks import Quirks
 from umr.renderer import SoftRenderer, face_pixel_centers
-
-from conftest import to_device
 
 SIZE = 64
 

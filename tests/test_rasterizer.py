@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from umr import _C
-from umr.renderer import RasterSettings, soft_rasterize
 from umr.rasterizer_reference import kept_pairs_reference, soft_rasterize_reference
+from umr.renderer import RasterSettings, soft_rasterize
 
 UMR = dict(sigma_val=1e-5, gamma_val=1e-4, dist_eps=1e-10)  # the values UMR renders with
 SOFT = dict(sigma_val=1e-3, gamma_val=1e-2, dist_eps=1e-10)  # well-conditioned, for gradients
