@@ -7,7 +7,8 @@
 #   4. bench_train_step --device cuda --img_size 256 --batch_size 16 (the original's configuration),
 #   5. a 200-iteration train_s2 on synthetic birds (with the truth's semantic template).
 # It writes OUT_DIR/summary.json (one entry per step: status, seconds, and the benchmark JSON or the
-# last log line) and each step's log. Without a CUDA device it stops at once with exit status 3.
+# last log line) and each step's log. Without a CUDA device it stops at once with exit status 3;
+# with a PYTHON that cannot import torch, with exit status 2.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR          # PYTHON=python3 by default
 set -uo pipefail
@@ -42,7 +43,7 @@ write_summary() {
   echo "gpu_check: summary in $out/summary.json"
 }
 
-"$py" - > "$out/environment.log" 2>&1 <<'PY'
+if ! "$py" - > "$out/environment.log" 2>&1 <<'PY'
 import json, shutil, subprocess, torch
 info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
         "nvcc": shutil.which("nvcc")}
@@ -51,6 +52,13 @@ if torch.cuda.is_available():
                 gpus=torch.cuda.device_count())
 print(json.dumps(info))
 PY
+then
+  record environment failed 0 "$out/environment.log"
+  cat "$out/environment.log"
+  echo "gpu_check: $py cannot import torch; run with PYTHON=<a python that has torch>" >&2
+  write_summary
+  exit 2
+fi
 record environment ok 0 "$out/environment.log"
 cat "$out/environment.log"
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
