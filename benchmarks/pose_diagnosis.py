@@ -1,4 +1,4 @@
-"""Where a stage-2 model's pose error comes from, on a synthetic split; prints one JSON line.
+r"""Where a stage-2 model's pose error comes from, on a synthetic split; prints one JSON line.
 
 Keys: ``rot_err_median`` / ``rot_err_mean`` (the most probable hypothesis, after the one global
 rotation between the model's frame and the truth's, as test_3d), ``oracle_rot_err_median`` (the
@@ -8,7 +8,7 @@ median angle between its rotations over the photos and their mean: near 0 means 
 view), ``err_by_view`` (median error of side, front and back views by the true azimuth) and
 ``flips`` (share of errors above 135°).
 
-    python -m benchmarks.pose_diagnosis --model_path <stage-2 pred_net_latest.pth> \\
+    python -m benchmarks.pose_diagnosis --model_path <stage-2 pred_net_latest.pth> \
         --data <synthetic set> [--split test]
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Synthetic birds with 3-D ground truth, written in the CUB + CMR-cache + SCOPS layout.
+r"""Synthetic birds with 3-D ground truth, written in the CUB + CMR-cache + SCOPS layout.
 
     python -m data.synth_birds --out cachedir/synth_birds --num_train 1000 --num_val 100 \
         --num_test 200 --seed 0 [--preview] [--workers 2]
@@ -311,9 +311,6 @@ def perturb_parts(rng: np.random.Generator, parts: np.ndarray) -> np.ndarray:
         out[..., ch] = cv2.GaussianBlur(moved, (0, 0), rng.uniform(1.0, 2.5) * size / 128)
     out *= np.exp(0.6 * (_smooth_noise(rng, size, size, 5, channels=5) - 0.5))
     return out / np.maximum(out.sum(-1, keepdims=True), 1e-6)
-
-
-_RENDERER = None
 
 
 def _renderer(size: int) -> SoftRenderer:

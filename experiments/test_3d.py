@@ -1,4 +1,4 @@
-"""3-D evaluation on the synthetic birds, which have true meshes and cameras.
+r"""3-D evaluation on the synthetic birds, which have true meshes and cameras.
 
     python -m experiments.test_3d --model_path cachedir/snapshots/synth_s2/pred_net_latest.pth \
         --split test --cub_dir cachedir/synth_birds/CUB_200_2011 --cub_cache_dir cachedir/synth_birds/cachedir/cub

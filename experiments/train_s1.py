@@ -1,4 +1,4 @@
-"""Stage 1: learn the category template from a sphere, with one camera per image and no
+r"""Stage 1: learn the category template from a sphere, with one camera per image and no
 semantic losses (spec model_training_eval.md §10).
 
     python -m experiments.train_s1 --name cub_s1 --batch_size 64 \

@@ -1,4 +1,4 @@
-"""Stage 2: the full model with multiple camera hypotheses and semantic consistency, on the
+r"""Stage 2: the full model with multiple camera hypotheses and semantic consistency, on the
 template and semantic parts that avg_uv wrote (spec model_training_eval.md §12).
 
     python -m experiments.train_s2 --name cub_s2 --batch_size 16 \

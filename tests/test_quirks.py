@@ -1,6 +1,7 @@
 """The quirk switches: --compat turns all on, --quirks each one alone, and the switches that the
 other test files do not reach (loaders, avg_uv's exemplar view, the extra keypoint pair, the
 objective's wiring) each change what they should."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def test_compat_turns_every_quirk_on_and_names_turn_on_one_each():
     recorded = {name: True for name in MODEL_QUIRKS}
     mixed = Quirks(q12_sampled_camera=True).with_model_quirks(recorded)
     assert mixed.enabled() == sorted(set(MODEL_QUIRKS) | {"q12_sampled_camera"}, key=QUIRK_NAMES.index)
-    config = ObjectiveConfig.from_flags(SimpleNamespace(compat=False, quirks=["q4_texture_moves_geometry"]), stage=2)
+    parsed = {**dataclasses.asdict(ObjectiveConfig.for_stage(2)), "compat": False, "quirks": ["q4_texture_moves_geometry"]}
+    config = ObjectiveConfig.from_flags(SimpleNamespace(**parsed), stage=2)
     assert config.quirks.enabled() == ["q4_texture_moves_geometry"]
 
 

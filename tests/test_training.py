@@ -71,6 +71,11 @@ def test_pipeline_smoke(data_dir, tmp_path):
     assert len(list((tmp_path / "vis" / "s1").glob("iter_*.png"))) == 2
     log = (tmp_path / "snapshots" / "s1" / "loss_log.jsonl").read_text().splitlines()
     assert len(log) == 4 and '"mask"' in log[0]
+    # the resolved configuration is in the run folder: stage 1's defaults and the command line's values
+    config = json.loads((tmp_path / "snapshots" / "s1" / "config.json").read_text())
+    assert config["objective"]["mask_loss_wt"] == 3.0 and config["objective"]["update_template_freq"] == 1
+    assert config["train"]["batch_size"] == 4 and config["model"]["stage"] == 1 and config["model"]["nz_feat"] == 200
+    assert config["flags"]["texture_loss"] == "l1"
 
     stemp = tmp_path / "stemp"
     # a 4-iteration model's texture flow is near constant: every UV texel reads the same part,

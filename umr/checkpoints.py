@@ -17,6 +17,7 @@ checkpoint are recognised:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -27,6 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from umr.nets import ArchitectureConfig
 from umr.quirks import ORIGINAL_MODEL_QUIRKS
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "umr-train-1"
 # MeshNet's arguments (and training flags) that shape the network, besides its stage
-ARCHITECTURE_FLAGS = ("nz_feat", "z_dim", "num_hypo_cams", "tex_size", "subdivide", "axis", "uv_height", "uv_channels")
+ARCHITECTURE_FLAGS = tuple(f.name for f in dataclasses.fields(ArchitectureConfig))
 
 # Parameters the original created but never used (spec §5.4): in its stage-2 checkpoints only.
 ORIGINAL_DEAD_KEYS = tuple(

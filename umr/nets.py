@@ -17,6 +17,7 @@ original:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from umr.config import option
 from umr.geometry import hamilton_product
 from umr.mesh import SymmetricMesh, compute_uv_sampler, symmetric_template, uv_image_size
 from umr.quirks import Quirks
@@ -365,6 +367,31 @@ class TexturePredictorUV(nn.Module):
 # The mesh network of both stages
 
 
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """What shapes :class:`MeshNet` besides its stage and image size: the ``--nz_feat`` ...
+    ``--uv_channels`` flags are generated from these fields, and checkpoints record them
+    (umr.checkpoints.model_config), so a model is rebuilt from its checkpoint alone."""
+
+    nz_feat: int = option(200, "Encoder feature size.", lower_bound=1)
+    z_dim: int = option(350, "Latent code size.", lower_bound=1)
+    num_hypo_cams: int = option(8, "Camera hypotheses (stage 2).", lower_bound=1)
+    tex_size: int = option(6, "Texture samples per face side.", lower_bound=2)
+    subdivide: int = option(3, "Icosphere subdivisions of the template (3: 642 vertices, 1280 faces).",
+                            lower_bound=1)
+    axis: int = option(1, "Symmetry axis of the template (0, 1 or 2).")
+    uv_height: int = option(0, "Rows of the predicted UV flow image (a power of two; its width is twice that). 0: from "
+                            "the face count and --tex_size, 128 for the default mesh, as the original. 32 suffices "
+                            "for 64-px images and makes the texture-flow network several times cheaper.",
+                            lower_bound=0)
+    uv_channels: int = option(256, "Channels of the texture-flow decoder's first 4 x 8 feature map (the two fully "
+                              "connected layers before it have 32 times as many units); 256 as the original.",
+                              lower_bound=1)
+
+
+_ARCH = ArchitectureConfig()
+
+
 class MeshNet(nn.Module):
     """UMR's predictor. ``stage`` 1 learns the template from a sphere with one camera; stage 2
     keeps the template fixed and predicts ``num_hypo_cams`` camera hypotheses.
@@ -373,26 +400,26 @@ class MeshNet(nn.Module):
     returns a dict: ``verts`` (B, V, 3), ``delta_v`` (B, V_half, 3), ``cam`` (B, 7),
     ``tex_flow`` (B, F, T, T, 2), ``uvimage_pred`` (B, 2, H_uv, W_uv), ``mean``, ``logvar``,
     ``noise`` (B, z_dim, the code used); stage 2 also ``cam_hypotheses`` (B, K, 7),
-    ``cam_probs`` (B, K), ``cam_sample_inds`` (B, 1), ``base_quats`` (B, 4).
+    ``cam_probs`` (B, K), ``cam_sample_inds`` (B, 1).
     """
 
     def __init__(
         self,
         stage: int = 2,
         img_size: int = 256,
-        nz_feat: int = 200,
-        z_dim: int = 350,
-        num_hypo_cams: int = 8,
-        tex_size: int = 6,
-        subdivide: int = 3,
-        axis: int = 1,
+        nz_feat: int = _ARCH.nz_feat,
+        z_dim: int = _ARCH.z_dim,
+        num_hypo_cams: int = _ARCH.num_hypo_cams,
+        tex_size: int = _ARCH.tex_size,
+        subdivide: int = _ARCH.subdivide,
+        axis: int = _ARCH.axis,
         pretrained_encoder: bool = True,
         mean_shape: Optional[torch.Tensor] = None,
         quirks: Optional[Quirks] = None,
         logvar_init: Optional[float] = None,
         side_view_init: bool = False,
-        uv_height: Optional[int] = None,
-        uv_channels: int = 256,
+        uv_height: Optional[int] = _ARCH.uv_height,
+        uv_channels: int = _ARCH.uv_channels,
     ):
         """``uv_height``, ``uv_channels``: size of the texture-flow network
         (:class:`TexturePredictorUV`; None or 0, and 256: UMR's). ``logvar_init``: initial bias of the
@@ -468,7 +495,7 @@ class MeshNet(nn.Module):
         else:
             sample = self.training or self.quirks.q12_sampled_camera  # else the most probable hypothesis
             cam, hyp, probs, index = self.cam_predictor(feat, sample, u_cam)
-            out.update(cam=cam, cam_hypotheses=hyp, cam_probs=probs, cam_sample_inds=index, base_quats=hyp[:, 0, 3:])
+            out.update(cam=cam, cam_hypotheses=hyp, cam_probs=probs, cam_sample_inds=index)
         return out
 
 

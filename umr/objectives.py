@@ -13,13 +13,14 @@ textures only (``rgb_geometry_grad=False``); values and gradients are those of t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
 from umr import losses as L
+from umr.config import for_stage, from_values, option
 from umr.geometry import rotate_cam, sample_textures
 from umr.mesh import FlattenLoss, LaplacianLoss
 from umr.nets import Discriminator, MeshNet
@@ -31,45 +32,44 @@ __all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective"]
 
 @dataclass
 class ObjectiveConfig:
-    """Loss weights and switches; field names are the original's flags (§15)."""
+    """Loss weights and switches of both stages; field names are the original's flags. The
+    flags of ``train_s1`` / ``train_s2`` are generated from these fields (umr.config)."""
 
-    stage: int = 2
-    image_size: int = 256
-    mask_loss_wt: float = 2.5
-    triangle_reg_wt: float = 0.15
-    flatten_reg_wt: float = 0.0005
-    deform_reg_wt: float = 1.0
-    tex_loss_wt: float = 3.0
-    tex_dt_loss_wt: float = 3.0
-    tex_cycle_loss_wt: float = 1.0
-    gan_loss_wt: float = 1.0
-    grl_wt: float = 0.2
-    use_gan: bool = True
+    image_size: int = option(256, "Render size; must equal --img_size.")
+    mask_loss_wt: float = option(2.5, "Silhouette loss weight.", stage1=3.0, lower_bound=0.0)
+    triangle_reg_wt: float = option(0.15, "Laplacian smoothness weight.", lower_bound=0.0)
+    flatten_reg_wt: float = option(0.0005, "Flatten smoothness weight.", stage1=0.0004, lower_bound=0.0)
+    deform_reg_wt: float = option(1.0, "Deformation regulariser weight.", stage1=5.0, lower_bound=0.0)
+    tex_loss_wt: float = option(3.0, "Texture loss weight.", lower_bound=0.0)
+    tex_dt_loss_wt: float = option(3.0, "Texture distance-transform loss weight.", lower_bound=0.0)
+    tex_cycle_loss_wt: float = option(1.0, "Texture cycle loss weight.", stage1=0.5, lower_bound=0.0)
+    gan_loss_wt: float = option(1.0, "GAN loss weight.", lower_bound=0.0)
+    grl_wt: float = option(0.2, "Gradient reversal weight of the discriminator.", lower_bound=0.0)
+    use_gan: bool = option(True, "Use the adversarial loss.")
+    texture_loss: str = option("perceptual",
+                               "Texture distance: UMR's perceptual one (needs AlexNet's ImageNet weights) or l1.",
+                               choices=("perceptual", "l1"))
     # stage 1
-    ori_reg_wt: float = 0.4
-    stop_ori_epoch: float = 3.0
-    update_template_freq: int = 5
+    ori_reg_wt: float = option(0.4, "Orientation prior weight (first --stop_ori_epoch epochs).", stages=(1,),
+                               lower_bound=0.0)
+    stop_ori_epoch: float = option(3.0, "Epoch at which the orientation prior stops.", stages=(1,))
+    update_template_freq: int = option(5, "Update the template every this many epochs; the deformation prior "
+                                       "applies from the epoch after the first update.", stages=(1,), lower_bound=1)
     # stage 2
-    ent_loss_wt: float = 0.05
-    prob_loss_wt: float = 5.0
-    vertex_loss_wt: float = 10.0
-    texture_loss: str = "perceptual"
-    quirks: Quirks = field(default_factory=Quirks)
-    axis: int = 1
+    ent_loss_wt: float = option(0.05, "Camera-probability entropy weight (minimised).", stages=(2,), lower_bound=0.0)
+    prob_loss_wt: float = option(5.0, "Part matching loss weight.", stages=(2,), lower_bound=0.0)
+    vertex_loss_wt: float = option(10.0, "Vertex correspondence loss weight.", stages=(2,), lower_bound=0.0)
+    quirks: Quirks = option(help="The original's departures from the paper to reproduce (--compat, --quirks).",
+                            flag=False, default_factory=Quirks)
 
     @classmethod
     def for_stage(cls, stage: int, **overrides) -> "ObjectiveConfig":
-        """The original's defaults of ``train_s1`` / ``train_s2``."""
-        base = dict(stage=stage)
-        if stage == 1:
-            base.update(mask_loss_wt=3.0, flatten_reg_wt=0.0004, deform_reg_wt=5.0, tex_cycle_loss_wt=0.5)
-        base.update(overrides)
-        return cls(**base)
+        """The original's defaults of ``train_s1`` / ``train_s2``, then ``overrides``."""
+        return for_stage(cls, stage, **overrides)
 
     @classmethod
     def from_flags(cls, flags, stage: int) -> "ObjectiveConfig":
-        names = {f.name for f in fields(cls)} - {"stage", "quirks"}
-        return cls(stage=stage, quirks=Quirks.from_flags(flags), **{n: getattr(flags, n) for n in names if hasattr(flags, n)})
+        return from_values(cls, flags, stage, quirks=Quirks.from_flags(flags))
 
 
 def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,7 @@ class _Objective(nn.Module):
     def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator]):
         super().__init__()
         self.config = config
+        self.axis = model.axis  # the template's symmetry axis (orientation prior)
         size = config.image_size
         faces = model.mesh.faces
         self.register_buffer("faces", torch.from_numpy(faces), persistent=False)
@@ -135,7 +136,7 @@ class Stage1Objective(_Objective):
         if epoch > c.update_template_freq:  # the original gates the deformation prior this way
             terms["deform"] = c.deform_reg_wt * L.deform_loss(out["delta_v"])
         if epoch < c.stop_ori_epoch:
-            terms["orientation"] = c.ori_reg_wt * L.orientation_loss(verts, c.axis)
+            terms["orientation"] = c.ori_reg_wt * L.orientation_loss(verts, self.axis)
         masked_render = render.image[:, :3] * self._masked_alpha(alpha)[:, None]
         terms["texture"] = c.tex_loss_wt * self.texture_distance(masked_render, img * mask[:, None]).mean()
         terms["texture_dt"] = c.tex_dt_loss_wt * L.texture_dt_loss(out["tex_flow"], batch["mask_dt"])

@@ -29,7 +29,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from umr import distributed as D
+from umr.config import CACHE_DIR, from_values, option, to_dict
 from umr.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, load_file, model_config, numpy_rng_state, save_atomic,
                              set_numpy_rng_state)
 
@@ -71,37 +72,51 @@ def unwritable(folder: Path) -> Optional[str]:
 
 @dataclass
 class TrainSettings:
-    """The training flags (names as the original's)."""
+    """The training loop's settings; field names are the original's flags. The flags of
+    ``train_s1`` / ``train_s2`` are generated from these fields (umr.config)."""
 
-    name: str = "exp_name"
-    num_epochs: int = 500
-    num_pretrain_epochs: int = 0
-    learning_rate: float = 1e-4
-    beta1: float = 0.9
-    use_sgd: bool = False
-    optim_bs: int = 1
-    num_iter: int = 0
-    batch_size: int = 64
-    checkpoint_dir: str = "cachedir/snapshots"
-    vis_dir: str = "cachedir/visualization"
-    print_freq: int = 20
-    save_latest_freq: int = 3000
-    save_epoch_freq: int = 301
-    display_freq: int = 100
-    display_visuals: bool = False
-    visdom_server: str = "http://localhost"
-    visdom_port: int = 8097
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    n_data_workers: int = 4
-    val_freq: int = 0
-    dtype: str = "float32"
+    name: str = option("exp_name", "Experiment name: outputs go to <checkpoint_dir>/<name> and <vis_dir>/<name>.")
+    num_epochs: int = option(500, "Epochs to train.", lower_bound=1)
+    num_pretrain_epochs: int = option(0, "First epoch index (the original's way to continue a run).")
+    learning_rate: float = option(1e-4, "Adam learning rate (decays as lr / (1 + 5e-4 · iteration)).",
+                                  lower_bound=0.0)
+    beta1: float = option(0.9, "Adam beta1 (SGD momentum with --use_sgd).")
+    use_sgd: bool = option(False, "SGD instead of Adam.")
+    optim_bs: int = option(1, "Optimiser step every this many iterations (gradients accumulate).", lower_bound=1)
+    num_iter: int = option(0, "Stop after this many iterations (0: no cap).", lower_bound=0)
+    batch_size: int = option(64, "Global batch size, split over the processes of a torchrun job.", lower_bound=1)
+    checkpoint_dir: str = option(os.path.join(CACHE_DIR, "snapshots"), "Checkpoints root.")
+    vis_dir: str = option(os.path.join(CACHE_DIR, "visualization"), "Training visuals root.")
+    print_freq: int = option(20, "Log scalars every this many iterations.", lower_bound=0)
+    save_latest_freq: int = option(3000, "Save pred_net_latest.pth every this many iterations (0: only at the end "
+                                   "of each epoch).", lower_bound=0)
+    save_epoch_freq: int = option(301, "Also save pred_net_<epoch>.pth every this many epochs.", lower_bound=1)
+    display_freq: int = option(100, "Write PNG visuals every this many iterations (0: never).", lower_bound=0)
+    display_visuals: bool = option(False, "Also show visuals and losses live in visdom (optional: pip install visdom, "
+                                   "then start a server with python -m visdom.server, which needs internet the first "
+                                   "time). TensorBoard needs nothing more: tensorboard --logdir <checkpoint_dir>.")
+    visdom_server: str = option("http://localhost", "visdom server address.")
+    visdom_port: int = option(8097, "visdom server port.")
+    device: str = option("auto", "Device: CUDA if available (auto), or forced.", choices=("auto", "cpu", "cuda"))
+    resume: bool = option(False, "Continue the run <checkpoint_dir>/<name> from its latest checkpoint.")
+    overwrite: bool = option(False, "Start the run <checkpoint_dir>/<name> over, deleting the checkpoints and logs of "
+                             "the run already there (without it, or --resume, a folder that holds a run is refused).")
+    seed: int = option(0, "Seed of torch, numpy and python random (the original used 0).")
+    n_data_workers: int = option(4, "DataLoader worker processes (0 loads in the main process).", lower_bound=0)
+    val_freq: int = option(1000, "Validate every this many iterations and at the end of the run (0: never): mask "
+                           "IoU, PCK@0.1 by flow and by camera on --val_split, and with the synthetic set's 3-D truth "
+                           "the rotation error, Chamfer-L2 and F-score; logged to loss_log.jsonl, TensorBoard and "
+                           "<checkpoint_dir>/<name>/curves.png.", lower_bound=0)
+    val_split: str = option("val", "Held-out split for validation.", choices=("train", "val", "test", "all"))
+    val_images: int = option(100, "Validation images (the first ones of --val_split).", lower_bound=1)
+    val_pairs: int = option(100, "Keypoint-transfer pairs among the validation images.", lower_bound=1)
+    dtype: str = option("float32", "Training precision. float64 (about 2x slower) for gradient checks and debugging: "
+                        "it takes float32 rounding, which batch norm over a few samples amplifies, out of "
+                        "comparisons.", choices=("float32", "float64"))
 
     @classmethod
     def from_flags(cls, flags) -> "TrainSettings":
-        return cls(**{f.name: getattr(flags, f.name) for f in fields(cls) if hasattr(flags, f.name)})
+        return from_values(cls, flags)
 
 
 class SampleNoise(Dataset):
@@ -361,6 +376,20 @@ class Trainer:
                 path.unlink(missing_ok=True)
             shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
 
+    def _write_config(self) -> None:
+        """``<run>/config.json``: the resolved configuration of this start of the run (training
+        settings, loss weights, model, and the command line's flags where given)."""
+        config = {"train": to_dict(self.s), "model": {"stage": getattr(self.model, "stage", None),
+                                                       **model_config(self.model)}}
+        objective_config = getattr(self.objective, "config", None)
+        if objective_config is not None:
+            config["objective"] = to_dict(objective_config)
+        if "flags" in self.extra_state:
+            config["flags"] = self.extra_state["flags"]
+        tmp = self.run_dir / f".config.json.{os.getpid()}"
+        tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, self.run_dir / "config.json")
+
     def _release_run_dir(self) -> None:
         if self._lock is not None:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
@@ -494,6 +523,7 @@ class Trainer:
         try:
             if self.ctx.is_main:
                 self._take_run_dir()
+                self._write_config()
             self._run()
         finally:
             if handler is not None:
