@@ -1,4 +1,4 @@
-"""Semantic template from a stage-1 model (spec model_training_eval.md §11).
+r"""Semantic template from a stage-1 model (spec model_training_eval.md §11).
 
     python -m experiments.avg_uv --model_path cachedir/snapshots/cub_s1/pred_net_latest.pth \
         --out_dir cachedir/snapshots/cub_s1/ --batch_size 16 \
@@ -57,7 +57,6 @@ umr_flags.define_min_part_share()
 flags.DEFINE_string("out_dir", "cachedir/snapshots/cub_net/", "Where to write the semantic template.")
 flags.DEFINE_enum("texture_loss", "perceptual", ["perceptual", "l1"],
                   "Distance of the exemplar search: UMR's perceptual one (needs AlexNet's ImageNet weights) or l1.")
-flags.DEFINE_integer("num_parts", 4, "SCOPS parts (besides the background).")
 flags.DEFINE_enum("uv_source", "flow", ["flow", "render"],
                   "How a training image's part map reaches the template: through the predicted texture flow (flow, "
                   "the original), or through the predicted mesh and camera (render: each texture sample is "

@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from data import synth_birds
 from umr import evaluation as E
 from umr.geometry import axis_angle_to_quat, quat_to_matrix
 from umr.obj_io import load_obj
@@ -155,10 +154,8 @@ def test_sample_surface_is_on_the_mesh():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_data")
-    synth_birds.generate(root, seed=0, photo_size=256, workers=1, progress=False, num_train=2, num_val=0, num_test=12)
-    return root
+def synth(synth_set):
+    return synth_set(seed=0, num_train=2, num_val=0, num_test=12, photo_size=256)
 
 
 def eval_flags(root, size=128):

@@ -20,9 +20,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def birds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("birds")
-    synth_birds.generate(root, seed=7, photo_size=192, workers=1, progress=False, num_train=3, num_val=0, num_test=0)
+def birds(synth_set):
+    root = synth_set(seed=7, num_train=3, num_val=0, num_test=0, photo_size=192)
     ds = CUBDataset(root / "CUB_200_2011", root / "cachedir" / "cub", img_size=SIZE, jitter_frac=0.0, mirror=False,
                     scops_path=root / "scops")
     torch.manual_seed(0)

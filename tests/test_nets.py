@@ -1,5 +1,7 @@
 """UMR's networks: shapes, symmetry, camera hypotheses, original checkpoints, GRL, discriminator."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,7 +160,7 @@ def test_pretrained_encoder_loads_local_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     reference = torchvision.models.resnet18(weights=None)
-    path = N._torchvision_checkpoint(torchvision.models.ResNet18_Weights.IMAGENET1K_V1)
+    path = tmp_path / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
     path.parent.mkdir(parents=True)
     torch.save(reference.state_dict(), path)
     loaded = N.load_resnet18(pretrained=True)

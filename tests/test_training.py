@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from data import synth_birds
 from umr import trainer as T
 from umr.checkpoints import CHECKPOINT_FORMAT, save_atomic
 
@@ -18,10 +17,8 @@ SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    synth_birds.generate(root, seed=11, photo_size=160, workers=1, progress=False, num_train=8, num_val=5, num_test=4)
-    return root
+def data_dir(synth_set):
+    return synth_set(seed=11, num_train=8, num_val=5, num_test=4)  # the set test_faults trains on
 
 
 def data_flags(root):

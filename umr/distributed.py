@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from umr.nets import batch_norm_with_running_stats
+
 __all__ = ["Context", "setup", "cleanup", "convert_batchnorm", "SyncBatchNormAnyDevice", "all_reduce_sum"]
 
 
@@ -79,7 +81,7 @@ class SyncBatchNormAnyDevice(nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_initialized()):
             count = x.numel() // x.shape[1]
             if self.training and count == 1:
-                return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+                return batch_norm_with_running_stats(self, x)
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
                                 self.momentum, self.eps)
         from torch.distributed.nn.functional import all_reduce
@@ -87,7 +89,7 @@ class SyncBatchNormAnyDevice(nn.modules.batchnorm._BatchNorm):
         dims = [0] + list(range(2, x.dim()))
         count = all_reduce(torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device))
         if count.item() == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return batch_norm_with_running_stats(self, x)
         mean = all_reduce(x.sum(dims)) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
         var = all_reduce(((x - mean.view(shape)) ** 2).sum(dims)) / count

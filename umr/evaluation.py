@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
+from umr.losses import soft_iou
 from umr.renderer import face_pixel_centers
 
 __all__ = [
@@ -163,10 +164,9 @@ class PCKAccumulator:
 
 
 def mask_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per image ``Σ(M·Â) / Σ(M + Â − M·Â)`` with soft masks, no thresholding (§14.2)."""
-    inter = (alpha * mask).flatten(1).sum(1)
-    union = (alpha + mask - alpha * mask).flatten(1).sum(1)
-    return inter / union.clamp_min(1e-12)
+    """Per image ``Σ(M·Â) / Σ(M + Â − M·Â)`` with soft masks, no thresholding (§14.2); 0 for
+    two empty masks."""
+    return soft_iou(alpha, mask, 1e-12)
 
 
 def align_rotations(pred: torch.Tensor, true: torch.Tensor):

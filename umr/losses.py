@@ -20,6 +20,7 @@ from umr.renderer import SoftRenderer, face_pixel_centers, project_points
 
 __all__ = [
     "neg_iou",
+    "soft_iou",
     "mask_loss",
     "multi_mask_loss",
     "camera_entropy",
@@ -42,11 +43,16 @@ __all__ = [
 ]
 
 
-def neg_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per image ``1 − Σ(Â·M) / (Σ(Â + M − Â·M) + 1e-6)``: (N, H, W) x2 → (N,)."""
+def soft_iou(alpha: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per image ``Σ(Â·M) / (Σ(Â + M − Â·M) + eps)`` of soft masks, no thresholding: (N, H, W) x2 → (N,)."""
     inter = (alpha * mask).flatten(1).sum(1)
     union = (alpha + mask - alpha * mask).flatten(1).sum(1)
-    return 1 - inter / (union + 1e-6)
+    return inter / (union + eps)
+
+
+def neg_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per image ``1 − IoU`` with the training loss's epsilon 1e-6: (N, H, W) x2 → (N,)."""
+    return 1 - soft_iou(alpha, mask, 1e-6)
 
 
 def mask_loss(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -133,15 +139,10 @@ class PerceptualDistance(nn.Module):
         import lpips
         import torchvision
 
-        weights = torchvision.models.AlexNet_Weights.IMAGENET1K_V1
-        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        if not path.is_file():
-            from umr.nets import PretrainedWeightsMissing
+        from umr.nets import imagenet_weights
 
-            raise PretrainedWeightsMissing(
-                f"ImageNet weights for the perceptual loss's AlexNet are not on this machine: expected {path}. "
-                f"Download {weights.url} to that path (or set TORCH_HOME), or pass --texture_loss l1."
-            )
+        path = imagenet_weights(torchvision.models.AlexNet_Weights.IMAGENET1K_V1, "the perceptual loss's AlexNet",
+                                "--texture_loss l1")
         self.scaling = lpips.ScalingLayer()
         with warnings.catch_warnings():  # lpips still uses torchvision's deprecated `pretrained`
             warnings.simplefilter("ignore", UserWarning)

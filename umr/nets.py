@@ -66,13 +66,19 @@ def net_init(module: nn.Module, uniform_bn: bool = False) -> nn.Module:
     return module
 
 
+def batch_norm_with_running_stats(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied with its running statistics, which it leaves unchanged: what a training
+    batch with one value per channel gets (its own statistics are undefined)."""
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+
+
 class _SingleSampleSafe:
     """Batch norm that, in training mode, falls back to its running statistics when the batch
     has a single value per channel (batch size 1), where batch statistics are undefined."""
 
     def forward(self, x):
         if self.training and x.numel() // x.shape[1] == 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+            return batch_norm_with_running_stats(self, x)
         return super().forward(x)
 
 
@@ -126,8 +132,17 @@ def decoder2d(nlayers: int, nc_input: int, nc_final: int, use_bn: bool = True, n
 # Encoder (§5.2)
 
 
-def _torchvision_checkpoint(weights) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+def imagenet_weights(weights, what: str, avoid: str) -> Path:
+    """The local file of torchvision ``weights`` (the torch hub cache; never downloaded), or
+    :class:`PretrainedWeightsMissing` naming the file, where to get it and the flag ``avoid``
+    that does without. ``what``: the network that needs them, for the message."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        raise PretrainedWeightsMissing(
+            f"ImageNet weights for {what} are not on this machine: expected {path}. Download {weights.url} to that "
+            f"path (or set TORCH_HOME), or pass {avoid}."
+        )
+    return path
 
 
 def load_resnet18(pretrained: bool) -> nn.Module:
@@ -140,14 +155,8 @@ def load_resnet18(pretrained: bool) -> nn.Module:
 
     if not pretrained:
         return torchvision.models.resnet18(weights=None)
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    path = _torchvision_checkpoint(weights)
-    if not path.is_file():
-        raise PretrainedWeightsMissing(
-            f"ImageNet weights for the ResNet-18 encoder are not on this machine: expected {path}. "
-            f"Download {weights.url} to that path (or set TORCH_HOME), "
-            "or pass --nopretrained_encoder to train the encoder from scratch."
-        )
+    path = imagenet_weights(torchvision.models.ResNet18_Weights.IMAGENET1K_V1, "the ResNet-18 encoder",
+                            "--nopretrained_encoder to train the encoder from scratch")
     model = torchvision.models.resnet18(weights=None)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model

@@ -185,5 +185,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lanes_exp", &umr::lanes_exp, "exp through the CPU kernel's SIMD lanes (for tests)");
   m.attr("cpu_simd") = umr::lanes::kAvailable;  // does RasterSettings.vectorize take effect here
   m.attr("tile_size") = umr::kTileSize;
-  m.attr("face_info_size") = umr::kFaceInfoSize;
 }
