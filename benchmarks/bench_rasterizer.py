@@ -24,7 +24,7 @@ import torch
 
 from umr import mesh as M
 from umr.geometry import axis_angle_to_quat, orthographic_proj_withz
-from umr.renderer import RasterSettings, gather_face_vertices, soft_rasterize
+from umr.renderer import DEPTH_OFFSET, RasterSettings, gather_face_vertices, soft_rasterize
 from umr.rasterizer_reference import soft_rasterize_reference
 
 
@@ -39,7 +39,7 @@ def bird_blobs(batch: int, subdivisions: int, seed: int = 0):
     azimuth = (torch.rand(batch, generator=g) - 0.5) * 1.2  # mostly side views
     quats = axis_angle_to_quat(torch.tensor([0.0, 1.0, 0.2]).expand(batch, 3), azimuth)
     cams = torch.cat([torch.full((batch, 1), 0.62), 0.1 * (torch.rand(batch, 2, generator=g) - 0.5), quats], 1)
-    screen = orthographic_proj_withz(shapes, cams, offset_z=5.0 + 2.732) * torch.tensor([1.0, -1.0, 1.0])
+    screen = orthographic_proj_withz(shapes, cams, offset_z=DEPTH_OFFSET) * torch.tensor([1.0, -1.0, 1.0])
     return gather_face_vertices(screen, torch.from_numpy(faces)).contiguous().to(DEVICE)
 
 

@@ -1,4 +1,4 @@
-"""The per-sample image pipeline shared by UMR's loaders (spec model_training_eval.md §9.2–9.5).
+"""The per-sample image pipeline shared by UMR's loaders (docs/method.md §9.2–9.5).
 
 A sample goes: bbox padding (+ jitter on the train split) → square box → crop (white image /
 empty mask outside the photo) → resize to ``img_size`` → optional horizontal mirror → keypoints
@@ -6,7 +6,7 @@ and sfm pose normalised to [-1, 1]. SCOPS part maps that come as full-image maps
 same crop, resize and mirror (the original used fixed per-crop maps, misaligned under jitter:
 quirk Q11).
 
-Pixel conventions (§0): keypoints and sfm translation use ``x_n = 2·x/W − 1`` on 0-based
+Pixel conventions (docs/conventions.md §3): keypoints and sfm translation use ``x_n = 2·x/W − 1`` on 0-based
 pixel indices; mirroring maps column c to ``W − 1 − c``.
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
 KP_PERM = np.array([0, 1, 2, 3, 4, 5, 10, 11, 12, 9, 6, 7, 8, 13, 14])
 # SCOPS channels 1..4 as UMR names them (channel 0 = background).
 PART_NAMES = ("head", "neck", "back", "belly")
-# Sampled image points per part for the vertex-correspondence loss (§9.4).
+# Sampled image points per part for the vertex-correspondence loss (docs/method.md §9.4).
 PART_POINTS = {"head": 10, "neck": 10, "back": 30, "belly": 30}
 
 
@@ -122,7 +122,7 @@ def mirror_sample(sample: Sample) -> Sample:
 
 def part_centre_and_points(prob: np.ndarray, mask: np.ndarray, num_points: int, rng: np.random.Generator):
     """Centre (2,) and ``num_points`` sampled points (n, 2) of one part map, normalised
-    ``2·v/size − 1`` (§9.4).
+    ``2·v/size − 1`` (docs/method.md §9.4).
 
     pdf = prob ⊙ mask / Σ; the points are the ``num_points`` of ⌊1.5 n⌋ pixels drawn without
     replacement from the pdf that lie closest to the centre. A part with no mass inside the mask
@@ -146,7 +146,7 @@ def part_centre_and_points(prob: np.ndarray, mask: np.ndarray, num_points: int, 
 
 
 def barrier_distance_transform(mask: np.ndarray, k: float = 50.0) -> np.ndarray:
-    """``sigmoid(k · (d_out − d_in) / max(H, W))`` (§9.5): ≈0 deep inside, 0.5 on the boundary,
+    """``sigmoid(k · (d_out − d_in) / max(H, W))`` (docs/method.md §9.5): ≈0 deep inside, 0.5 on the boundary,
     → 1 outside. ``d_out``: distance of pixels with mask ≠ 1 to the nearest mask == 1 pixel;
     ``d_in``: distance of pixels with mask ≠ 0 to the nearest mask == 0 pixel."""
     d_out = distance_transform_edt(mask != 1) if np.any(mask == 1) else np.full(mask.shape, float(max(mask.shape)))
@@ -156,7 +156,7 @@ def barrier_distance_transform(mask: np.ndarray, k: float = 50.0) -> np.ndarray:
 
 @dataclass
 class SamplePipeline:
-    """Crop/resize/mirror/normalise as the loaders do (§9.2 steps 3–12)."""
+    """Crop/resize/mirror/normalise as the loaders do (docs/method.md §9.2)."""
 
     img_size: int = 256
     padding_frac: float = 0.05

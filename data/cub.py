@@ -1,4 +1,4 @@
-"""CUB-200-2011 with the CMR annotation cache and SCOPS part maps (spec model_training_eval.md §9).
+"""CUB-200-2011 with the CMR annotation cache and SCOPS part maps (docs/formats.md §1).
 
 Files (``cub_dir`` = CUB root, ``cub_cache_dir`` = CMR cache):
 
@@ -93,7 +93,7 @@ def read_image(path: Path, hint: str = "check --cub_dir; images are read from <c
 
 
 class CUBDataset(Dataset):
-    """CUB samples cropped around the bird (§9.2).
+    """CUB samples cropped around the bird (docs/method.md §9.2).
 
     Args:
         cub_dir, cub_cache_dir: see the module docstring.
@@ -253,7 +253,7 @@ class CUBDataset(Dataset):
 
 
 class KeypointPairs(Dataset):
-    """Image pairs for keypoint transfer (``test_kp``, §14.1).
+    """Image pairs for keypoint transfer (``test_kp``, docs/method.md §14.1).
 
     ``number_pairs`` pairs drawn with replacement by ``np.random.RandomState(seed)``
     (seed default: the dataset length, as the original): first all first images, then all

@@ -1,4 +1,4 @@
-r"""Semantic template from a stage-1 model (spec model_training_eval.md §11).
+r"""Semantic template from a stage-1 model (docs/method.md §11).
 
     python -m experiments.avg_uv --model_path cachedir/snapshots/cub_s1/pred_net_latest.pth \
         --out_dir cachedir/snapshots/cub_s1/ --batch_size 16 \

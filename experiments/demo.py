@@ -1,4 +1,4 @@
-r"""Reconstruct one photo: mesh, texture and camera (spec §14.3).
+r"""Reconstruct one photo: mesh, texture and camera (docs/method.md §14.3).
 
     python -m experiments.demo --model_path cachedir/snapshots/cub_s2/pred_net_latest.pth \
         --img_path bird.jpg --out_path cachedir/demo/

@@ -1,4 +1,4 @@
-r"""Mask IoU of the rendered prediction against the ground-truth mask (spec §14.2).
+r"""Mask IoU of the rendered prediction against the ground-truth mask (docs/method.md §14.2).
 
     python -m experiments.test_iou --model_path cachedir/snapshots/cub_s2/pred_net_latest.pth \
         --split test --batch_size 32 --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/

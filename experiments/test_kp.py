@@ -1,4 +1,4 @@
-r"""Keypoint transfer between image pairs (spec §14.1).
+r"""Keypoint transfer between image pairs (docs/method.md §14.1).
 
     python -m experiments.test_kp --model_path cachedir/snapshots/cub_s2/pred_net_latest.pth \
         --mode flow --number_pairs 10000 --split test --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/

@@ -1,5 +1,5 @@
 r"""Stage 1: learn the category template from a sphere, with one camera per image and no
-semantic losses (spec model_training_eval.md §10).
+semantic losses (docs/method.md §10).
 
     python -m experiments.train_s1 --name cub_s1 --batch_size 64 \
         --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/

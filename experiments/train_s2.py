@@ -1,5 +1,5 @@
 r"""Stage 2: the full model with multiple camera hypotheses and semantic consistency, on the
-template and semantic parts that avg_uv wrote (spec model_training_eval.md §12).
+template and semantic parts that avg_uv wrote (docs/method.md §12).
 
     python -m experiments.train_s2 --name cub_s2 --batch_size 16 \
         --cub_dir CUB_200_2011/ --cub_cache_dir cachedir/cub/ \

@@ -21,7 +21,7 @@ IMG = 64
 CPU = torch.device("cpu")
 ORIGINAL_FORWARD = Quirks(q5_linear_shape_mlp=True, q7_biases_unused=True, free_centre_vertices=True)
 
-# The original's stage-2 state-dict layout, as the spec lists it (§5.7).
+# The original's stage-2 state-dict layout, (docs/method.md §5.7).
 ORIGINAL_LAYOUT = [
     r"mean_v", r"uv_sampler", r"cam_predictor\.cam_biases",
     r"encoder\.resnet_conv\.resnet\..+",

@@ -58,7 +58,7 @@ def test_quat_rotate_matches_scipy_and_matrix(q):
 
 
 def test_quat_rotate_not_renormalised():
-    # spec §0: the quaternion is not renormalised inside the rotation -> |q|² scaling
+    # docs/conventions.md §1: the quaternion is not renormalised inside the rotation -> |q|² scaling
     q = torch.tensor([[2.0, 0, 0, 0]])
     pts = torch.tensor([[[1.0, 2.0, 3.0]]])
     torch.testing.assert_close(G.quat_rotate(pts, q), 4 * pts)
@@ -97,7 +97,7 @@ def test_axis_angle_to_quat_matches_scipy():
     q = G.axis_angle_to_quat(torch.tensor(axes), torch.tensor(angles)).numpy()
     rotvec = axes / np.linalg.norm(axes, axis=1, keepdims=True) * angles[:, None]
     np.testing.assert_allclose(G.quat_to_matrix(torch.tensor(q)).numpy(), Rotation.from_rotvec(rotvec).as_matrix(), atol=1e-12)
-    # spec §2: (cos(a/2), axis sin(a/2)) for a unit axis
+    # docs/method.md §2: (cos(a/2), axis sin(a/2)) for a unit axis
     torch.testing.assert_close(
         G.axis_angle_to_quat(torch.tensor([0.0, 1.0, 0.0]), torch.tensor(math.pi / 3)),
         torch.tensor([math.cos(math.pi / 6), 0.0, math.sin(math.pi / 6), 0.0]),
@@ -117,7 +117,7 @@ def test_geodesic_angle_known_values():
 
 
 def test_orthographic_projection_known_points():
-    # spec §17: the origin with [1, tx, ty, identity] projects to (tx, ty)
+    # docs/conventions.md §3: the origin with [1, tx, ty, identity] projects to (tx, ty)
     cam = torch.tensor([[1.0, 0.3, -0.2, 1, 0, 0, 0], [2.0, 0.1, 0.5, math.cos(math.pi / 4), 0, 0, math.sin(math.pi / 4)]])
     pts = torch.tensor([[[0.0, 0, 0], [1, 2, 3]], [[1.0, 0, 0], [0, 0, 1]]])
     proj = G.orthographic_proj_withz(pts, cam, offset_z=5.0)

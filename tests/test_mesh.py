@@ -38,7 +38,7 @@ def test_icosphere_first_subdivision_order():
 
 
 def test_symmetric_template_spec_values(template):
-    # model_training_eval.md §1.2 "Counts ... use as unit-test values"
+    # the symmetric template's counts (docs/method.md §1.2)
     assert (template.num_indept, template.num_sym, template.num_output) == (32, 305, 337)
     assert (template.num_indept_faces, template.num_sym_faces, template.num_half_faces) == (32, 624, 656)
     np.testing.assert_allclose(template.verts[0], [0.850651, 0, -0.525731], atol=1e-6)
@@ -120,7 +120,7 @@ def test_uv_sampler(template):
         theta = math.acos(x[2] / np.linalg.norm(x))
         phi = math.atan2(x[1], x[0])
         np.testing.assert_allclose(uv.reshape(656, 36, 2)[f, 6 * i + j], [phi / math.pi, 2 * theta / math.pi - 1], atol=1e-12)
-    # spec §1.3: with axis 1 right faces mostly map to u > 0; 3.7 % of their samples do not
+    # docs/method.md §1.3: with axis 1 right faces mostly map to u > 0; 3.7 % of their samples do not
     assert abs((uv[32:, ..., 0] < 0).mean() - 0.037) < 0.001
     assert M.uv_image_size(656, 6) == (128, 256)
 
@@ -179,7 +179,7 @@ def test_laplacian_loss_matches_naive_loop(template):
 
 
 def test_flatten_loss_edges_and_known_value(template):
-    assert M.FlattenLoss(template.faces).num_edges == 1607  # spec §8.3: 1607 of 1920
+    assert M.FlattenLoss(template.faces).num_edges == 1607  # docs/method.md §8.3: 1607 of 1920
     # regular tetrahedron: every dihedral angle has cos = 1/3 -> (1/3 + 1)² per edge
     verts = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], dtype=np.float64)
     faces = np.array([[0, 1, 2], [0, 3, 1], [0, 2, 3], [1, 3, 2]])

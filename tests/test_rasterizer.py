@@ -1,4 +1,4 @@
-"""The C++ soft-rasterizer kernel against the dense PyTorch reference (spec soft_rasterizer.md)."""
+"""The C++ soft-rasterizer kernel against the dense PyTorch reference (docs/rasterizer.md)."""
 import itertools
 import os
 from dataclasses import replace
@@ -120,7 +120,7 @@ def test_empty_image_is_background():
 
 
 def test_p2f_is_zero_in_hard_rgb_mode():
-    # spec §4.3: only the softmax branch accumulates p2f
+    # docs/rasterizer.md §4.2: only the softmax branch accumulates p2f
     fv = random_faces(1, 20, seed=6)
     out = soft_rasterize(fv, None, RasterSettings(image_size=32, aggr_func_rgb="hard", return_p2f=True, **SOFT))
     assert torch.all(out.p2f == 0)
@@ -195,9 +195,9 @@ def test_backward_float32_matches_reference(vectorize, device):
 @pytest.mark.parametrize("alpha", ["prod", "sum"])
 @pytest.mark.parametrize("texture_type", ["surface", "vertex"])
 def test_gradcheck(dist, alpha, texture_type):
-    # spec §5.5: float64, a small raster, few non-degenerate faces, unsaturated sigmoid and
+    # docs/rasterizer.md §5.5: float64, a small raster, few non-degenerate faces, unsaturated sigmoid and
     # softmax, equal vertex depths per face and per-face-constant colours so the terms the
-    # analytic gradient leaves out (§5.3) vanish.
+    # analytic gradient leaves out (docs/rasterizer.md §5.3) vanish.
     fv = torch.tensor(
         [[[[-0.6, -0.5, 3.0], [0.4, -0.6, 3.0], [-0.1, 0.5, 3.0]],
           [[0.0, -0.2, 4.0], [0.7, 0.3, 4.0], [-0.2, 0.6, 4.0]],
@@ -218,7 +218,7 @@ def test_gradcheck(dist, alpha, texture_type):
 
 
 def test_gradcheck_surface_texels():
-    # texture gradients with R x R texels: one-hot on the texel the forward reads (§5.3.6)
+    # texture gradients with R x R texels: one-hot on the texel the forward reads (docs/rasterizer.md §5.3.6)
     fv = random_faces(1, 6, seed=13, special=False)
     tex = random_textures(fv, "surface", seed=14, res=3).requires_grad_()
     settings = RasterSettings(image_size=12, **SOFT)

@@ -19,7 +19,7 @@ def random_cams(batch, seed):
 
 
 def test_project_points_is_where_the_renderer_draws(device):
-    # spec §17 and the issue: a small triangle's rendered centroid lies within half a pixel of
+    # docs/conventions.md §3 and the issue: a small triangle's rendered centroid lies within half a pixel of
     # its projected centroid, for random cameras (y down, no flip, pixel-centre convention)
     size = 64
     renderer = SoftRenderer(image_size=size)
@@ -42,7 +42,7 @@ def test_project_points_is_where_the_renderer_draws(device):
 
 
 def test_origin_renders_at_translation_pixel(device):
-    # spec §17: the origin with [1, tx, ty, identity] projects to (tx, ty) and renders at
+    # docs/conventions.md §3: the origin with [1, tx, ty, identity] projects to (tx, ty) and renders at
     # column (tx + 1)·W/2 − ½ (rasterizer pixel-centre convention)
     size = 32
     verts, faces = M.icosphere(2)

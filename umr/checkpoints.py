@@ -49,7 +49,7 @@ CHECKPOINT_FORMAT = "umr-train-1"
 # MeshNet's arguments (and training flags) that shape the network, besides its stage
 ARCHITECTURE_FLAGS = tuple(f.name for f in dataclasses.fields(ArchitectureConfig))
 
-# Parameters the original created but never used (spec §5.4): in its stage-2 checkpoints only.
+# Parameters the original created but never used (docs/method.md §5.4): in its stage-2 checkpoints only.
 ORIGINAL_DEAD_KEYS = tuple(
     f"cam_predictor.{name}"
     for name in (

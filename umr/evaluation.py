@@ -1,4 +1,4 @@
-"""Evaluation measures (spec model_training_eval.md §14) and 3-D measures for the synthetic set.
+"""Evaluation measures (docs/method.md §14) and 3-D measures for the synthetic set.
 
 Everything is batched over images (or image pairs) and follows the inputs' device. Coordinates
 are UMR's normalised image frame (x right, y down, [-1, 1]²).
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
 from umr.losses import soft_iou
-from umr.renderer import face_pixel_centers
+from umr.renderer import DEPTH_OFFSET, face_pixel_centers
 
 __all__ = [
     "keypoint_heatmaps",
@@ -80,7 +80,7 @@ def _face_locations(flow: torch.Tensor, size: int) -> torch.Tensor:
 
 def transfer_by_flow(flow_src: torch.Tensor, flow_tgt: torch.Tensor, kp_src: torch.Tensor, size: int,
                      sigma: float = 3.0, visible_src=None) -> torch.Tensor:
-    """Keypoint transfer through the texture flows (§14.1, flow mode).
+    """Keypoint transfer through the texture flows (docs/method.md §14.1, flow mode).
 
     Args:
         flow_src, flow_tgt: (N, F, T, T, 2) texture flows of the source and target images.
@@ -104,7 +104,7 @@ def transfer_by_flow(flow_src: torch.Tensor, flow_tgt: torch.Tensor, kp_src: tor
 
 
 def transfer_by_camera(verts_src, cam_src, verts_tgt, cam_tgt, mask_tgt, kp_src, visible_src=None) -> torch.Tensor:
-    """Keypoint transfer through the cameras (§14.1, cam mode).
+    """Keypoint transfer through the cameras (docs/method.md §14.1, cam mode).
 
     Each source keypoint goes to its nearest vertex as projected by the source camera; that
     vertex, projected by the target camera, goes to its nearest foreground pixel of the target
@@ -137,7 +137,7 @@ def transfer_by_camera(verts_src, cam_src, verts_tgt, cam_tgt, mask_tgt, kp_src,
 class PCKAccumulator:
     """PCK per keypoint: a transfer counts where the keypoint is visible in both images; the
     error (normalised units) is scaled by ``(1 + 2·padding_frac)/2`` to a fraction of the tight
-    bounding box's longer side (§14.1)."""
+    bounding box's longer side (docs/method.md §14.1)."""
 
     def __init__(self, num_kps: int = 15, alphas=(0.1, 0.15), padding_frac: float = 0.05):
         self.alphas = alphas
@@ -164,7 +164,7 @@ class PCKAccumulator:
 
 
 def mask_iou(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per image ``Σ(M·Â) / Σ(M + Â − M·Â)`` with soft masks, no thresholding (§14.2); 0 for
+    """Per image ``Σ(M·Â) / Σ(M + Â − M·Â)`` with soft masks, no thresholding (docs/method.md §14.2); 0 for
     two empty masks."""
     return soft_iou(alpha, mask, 1e-12)
 
@@ -224,7 +224,7 @@ def view_space(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
 
 
 def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tensor, tol: float = 0.03,
-                     z_offset: float = 5.0 + 2.732) -> torch.Tensor:
+                     z_offset: float = DEPTH_OFFSET) -> torch.Tensor:
     """Which points (N, P, 3) a render's z-buffer ``depth`` (N, S, S; +inf on background) shows.
 
     A point is visible when it is no deeper than the surface at its pixel, within ``tol`` times
@@ -246,7 +246,8 @@ def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tenso
 
 def oracle_texture_flow(verts: torch.Tensor, faces: torch.Tensor, cam: torch.Tensor, tex_size: int = 6) -> torch.Tensor:
     """The texture flow (N, F, T, T, 2) a perfect model would predict: each sample's projection.
-    Sample (i, j) of face (v0, v1, v2) sits at barycentric weights (i/(T−1), j/(T−1), rest) (§1.3)."""
+    Sample (i, j) of face (v0, v1, v2) sits at barycentric weights (i/(T−1), j/(T−1), rest)
+    (docs/method.md §1.3)."""
     proj = orthographic_proj(verts, cam)  # (N, V, 2)
     tri = proj[:, faces]  # (N, F, 3, 2)
     w = torch.arange(tex_size, device=verts.device, dtype=verts.dtype) / (tex_size - 1)
@@ -285,7 +286,7 @@ def with_render(pred: dict, faces: torch.Tensor, renderer) -> dict:
 
 def transfer_keypoints(pred_src: dict, pred_tgt: dict, kp_src: torch.Tensor, mode: str, img_size: int,
                        sigma: float = 3.0, visible_only: bool = True) -> torch.Tensor:
-    """Keypoint transfer (§14.1) from source to target predictions (dicts of :func:`predict`,
+    """Keypoint transfer (docs/method.md §14.1) from source to target predictions (dicts of :func:`predict`,
     N images each): ``mode`` 'flow' (texture flows) or 'cam' (cameras and template).
     ``visible_only``: only faces / vertices the source render shows can carry a keypoint.
     kp_src (N, K, 2) → (N, K, 2)."""

@@ -1,6 +1,6 @@
 """Quaternions, the UMR weak-perspective camera and texture sampling.
 
-Conventions (spec model_training_eval.md §0, §2):
+Conventions (docs/conventions.md §1, docs/method.md §2):
 
 * Quaternions are ``(w, x, y, z)``, w first, Hamilton product. A rotation acts as
   ``q ⊗ (0, X) ⊗ q̄`` and the quaternion is *not* renormalised inside (the networks output

@@ -1,4 +1,4 @@
-"""UMR's losses (spec model_training_eval.md §8), each with the spec's formula and reduction.
+"""UMR's losses (docs/method.md §8), each with its formula and reduction.
 
 The default follows the paper where the original's code departs from it; the
 :class:`umr.quirks.Quirks` switch named in a loss's notes restores the original there.
@@ -91,7 +91,7 @@ def texture_dt_loss(tex_flow: torch.Tensor, mask_dt: torch.Tensor) -> torch.Tens
 
 
 def texture_cycle_loss(tex_flow: torch.Tensor, target: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """``(1 / (B·F·2)) Σ_bf m_bf ‖mean_s flow_bfs − target_bf‖²`` (§8.7).
+    """``(1 / (B·F·2)) Σ_bf m_bf ‖mean_s flow_bfs − target_bf‖²`` (docs/method.md §8.7).
 
     Args:
         tex_flow: (B, F, T, T, 2); target: (B, F, 2) (detached); visible: (B, F) bool.
@@ -199,7 +199,7 @@ def gan_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -
 
 
 # --------------------------------------------------------------------------------------------
-# Semantic consistency (§8.8, 8.9)
+# Semantic consistency (docs/method.md §8.8, 8.9)
 
 
 PART_NAMES = ("head", "neck", "back", "belly")
@@ -228,7 +228,7 @@ def check_part_vertices(part_vertices: dict, num_vertices: int, min_share: float
 
 
 class SemanticTemplate:
-    """The files ``avg_uv`` writes and stage 2 reads from ``--stemp_path`` (§11):
+    """The files ``avg_uv`` writes and stage 2 reads from ``--stemp_path`` (docs/method.md §11):
     ``mean_v.pth`` (half template, 337 x 3), ``semantic_seg.png`` (UV label image 128 x 256,
     labels 0..4) and ``vertices_idx/<part>_vertices.npy`` (vertex indices per part)."""
 
@@ -249,7 +249,7 @@ class SemanticTemplate:
 
 
 class PartMatchingLoss(nn.Module):
-    """Part (probability-based semantic) loss of stage 2 (§8.8).
+    """Part (probability-based semantic) loss of stage 2 (docs/method.md §8.8).
 
     Renders the mesh with the semantic template's part textures, and compares the soft part maps
     with the SCOPS maps: per-channel max-normalised squared difference on head and belly
@@ -312,7 +312,7 @@ def face_sample_labels(seg: np.ndarray, uv_sampler: torch.Tensor, mesh, rounded:
 
 
 def normalise_part_maps(part_prob: torch.Tensor, mask: torch.Tensor, no_epsilon: bool = False) -> torch.Tensor:
-    """``P̃_c = (P_c ⊙ M) / max_pixels(P_c ⊙ M)`` per image and channel (§12.1).
+    """``P̃_c = (P_c ⊙ M) / max_pixels(P_c ⊙ M)`` per image and channel (docs/method.md §12.1).
     ``no_epsilon`` (quirk ``q17_no_epsilon``): an absent part divides by zero (NaN)."""
     masked = part_prob * mask[:, None]
     peak = masked.flatten(2).max(-1).values[..., None, None]
@@ -328,7 +328,7 @@ def vertex_correspondence_loss(
     weights: Optional[dict] = None,
     train_probs: bool = True,
 ) -> torch.Tensor:
-    """Chamfer from projected template part vertices to the sampled part points (§8.9).
+    """Chamfer from projected template part vertices to the sampled part points (docs/method.md §8.9).
 
     Args:
         template: (V, 3) the template T̄ (not the deformed mesh).

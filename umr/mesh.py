@@ -1,7 +1,7 @@
 """Template mesh: icosphere, left/right symmetry, UV sampler and mesh regularisers.
 
-The vertex and face order produced here equals the original's (spec
-model_training_eval.md §1.1–1.3): it is baked into released checkpoints (``mean_v``) and
+The vertex and face order produced here equals the original's (docs/method.md §1.1–1.3): it is
+baked into released checkpoints (``mean_v``) and
 semantic templates (``vertices_idx/*.npy``), so it must not change.
 
 Mesh construction runs once, in numpy float64; the regularisers are torch modules that
@@ -32,7 +32,7 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------
-# Icosphere (meshzoo 0.4.3's iso_sphere, re-derived from the spec's description)
+# Icosphere (meshzoo 0.4.3's iso_sphere, re-derived from its published algorithm; docs/method.md §1.1)
 
 _T = (1.0 + np.sqrt(5.0)) / 2.0
 _ICOSAHEDRON_VERTS = np.array(
@@ -62,7 +62,7 @@ def _initial_edges(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _refine(nodes: list, faces: np.ndarray, edges: np.ndarray, face_edges: np.ndarray):
-    """One 1-to-4 subdivision step with the original's exact numbering (spec §1.1)."""
+    """One 1-to-4 subdivision step with the original's exact numbering (docs/method.md §1.1)."""
     new_edges: list[tuple[int, int]] = []
     new_faces: list[tuple[int, int, int]] = []
     new_face_edges: list[tuple[int, int, int]] = []
@@ -117,7 +117,7 @@ def icosphere(subdivisions: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
-# Left/right symmetry (spec §1.2)
+# Left/right symmetry (docs/method.md §1.2)
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def make_symmetric(verts: np.ndarray, faces: np.ndarray, axis: int = 1) -> Symme
         if partner is None:
             raise ValueError(f"make_symmetric: face {idx} has no mirror face; the mesh is not symmetric")
         # Which of the pair is "left": the original compares sorted ids but applies the mask to
-        # the stored vertex order (spec §1.2); this mis-sides 18 of 624 pairs at level 3 and is
+        # the stored vertex order (docs/method.md §1.2); this mis-sides 18 of 624 pairs at level 3 and is
         # kept for the exact face order of released checkpoints.
         selected = np.sort(face) != np.sort(mirrored)
         face_is_left = bool(np.all(new_verts[face[selected], axis] < new_verts[mirrored[selected], axis]))
@@ -249,7 +249,7 @@ def symmetric_template(subdivisions: int = 3, axis: int = 1) -> SymmetricMesh:
 
 
 # --------------------------------------------------------------------------------------------
-# UV parameterisation (spec §1.3)
+# UV parameterisation (docs/method.md §1.3)
 
 
 def compute_uv_sampler(verts: np.ndarray, faces: np.ndarray, tex_size: int = 6) -> np.ndarray:
@@ -288,7 +288,7 @@ def uv_image_size(num_faces: int, tex_size: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Connectivity and regularisers (SoftRas losses, spec soft_rasterizer.md §6)
+# Connectivity and regularisers (SoftRas losses, docs/rasterizer.md §6)
 
 
 def unique_edges(faces: np.ndarray) -> np.ndarray:

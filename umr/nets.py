@@ -1,7 +1,7 @@
-"""UMR's networks (spec model_training_eval.md §4–7): encoder, shape / camera / texture-flow
+"""UMR's networks (docs/method.md §4–7): encoder, shape / camera / texture-flow
 predictors for both stages, and the discriminator with its gradient reversal layer.
 
-Module names follow the original's stage-2 state-dict layout (§5.7); :mod:`umr.checkpoints`
+Module names follow the original's stage-2 state-dict layout (docs/method.md §5.7); :mod:`umr.checkpoints`
 loads the authors' released checkpoints of both stages. Where the original departs from the
 paper, the default follows the paper and a :class:`umr.quirks.Quirks` switch restores the
 original:
@@ -47,7 +47,7 @@ class PretrainedWeightsMissing(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------
-# Building blocks (§4)
+# Building blocks (docs/method.md §4)
 
 
 def net_init(module: nn.Module, uniform_bn: bool = False) -> nn.Module:
@@ -129,7 +129,7 @@ def decoder2d(nlayers: int, nc_input: int, nc_final: int, use_bn: bool = True, n
 
 
 # --------------------------------------------------------------------------------------------
-# Encoder (§5.2)
+# Encoder (docs/method.md §5.2)
 
 
 def imagenet_weights(weights, what: str, avoid: str) -> Path:
@@ -195,7 +195,7 @@ class Encoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Predictors (§5.3–5.5, §6)
+# Predictors (docs/method.md §5.3–5.5, docs/method.md §6)
 
 
 class ShapePredictor(nn.Module):
@@ -276,7 +276,7 @@ def camera_biases(num_hypotheses: int) -> torch.Tensor:
 
 
 class MultiCamPredictor(nn.Module):
-    """K camera hypotheses with probabilities (§5.4).
+    """K camera hypotheses with probabilities (docs/method.md §5.4).
 
     ``cam_biases`` (Q7): by default hypothesis k's quaternion is ``q_k ⊗ bias_k`` — the heads
     start near the identity, so the hypotheses start spread over 8 azimuths of a side view, as
@@ -339,7 +339,7 @@ class TexturePredictorUV(nn.Module):
     """Feature → UV flow image (B, 2, H_uv, W_uv) in [-1, 1] → per-face flow (B, F, T, T, 2).
 
     The UV sampler (num_half_faces, T*T, 2) is a buffer independent of the batch size; left
-    faces reuse their right twins' flow (same image locations, §5.5). ``uv_height`` (a power of
+    faces reuse their right twins' flow (same image locations, docs/method.md §5.5). ``uv_height`` (a power of
     two ≥ 8; None or 0: from the face count, 128 for UMR's mesh) and ``channels`` (of the decoder's
     first 4 x 8 feature map; 256 in UMR) size the network: a 32-row UV image is plenty for 64-px
     images and takes a fraction of the time.
@@ -509,7 +509,7 @@ class MeshNet(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Discriminator (§7)
+# Discriminator (docs/method.md §7)
 
 
 class _ReverseGrad(torch.autograd.Function):

@@ -1,8 +1,8 @@
 """Wavefront OBJ writing and reading, with UMR's per-face textures baked into a texture atlas.
 
 A UMR texture is (F, T, T, 3): sample ``(i, j)`` of a face (v0, v1, v2) was taken at
-barycentric weights ``(i/(T−1), j/(T−1), 1 − i/(T−1) − j/(T−1))`` (spec §1.3). Each face gets
-a T x T block of texels (plus a 1-texel replicated border) in one PNG; its three texture
+barycentric weights ``(i/(T−1), j/(T−1), 1 − i/(T−1) − j/(T−1))`` (docs/method.md §1.3).
+Each face gets a T x T block of texels (plus a 1-texel replicated border) in one PNG; its three texture
 coordinates sit on the centres of texels (T−1, 0), (0, T−1) and (0, 0) of the block, so a
 viewer's bilinear lookup interpolates the samples exactly as NMR did. The OBJ records
 ``tex_size`` in a comment so :func:`load_obj` can recover the (F, T, T, 3) array.

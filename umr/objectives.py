@@ -1,7 +1,7 @@
-"""The per-iteration training objectives of both stages (spec model_training_eval.md §10.2, §12.2).
+"""The per-iteration training objectives of both stages (docs/method.md §10.2, docs/method.md §12.2).
 
 Each objective owns its renderers and regularisers and returns the total loss with its named,
-weighted terms. Gradient routing follows the spec: the texture branch sees the geometry as
+weighted terms. Gradient routing (docs/method.md §8): the texture branch sees the geometry as
 detached; by default the predicted silhouette that masks the rendered texture is detached too,
 so texture losses never move shape or camera (the original let them through it: quirk
 ``q4_texture_moves_geometry`` restores that).
@@ -113,7 +113,7 @@ class _Objective(nn.Module):
 
 
 class Stage1Objective(_Objective):
-    """§10.2: silhouette, smoothness, orientation, deformation, texture (perceptual, DT, cycle)
+    """docs/method.md §10.2: silhouette, smoothness, orientation, deformation, texture (perceptual, DT, cycle)
     and silhouette GAN losses of the single-camera stage."""
 
     def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator] = None):
@@ -149,7 +149,7 @@ class Stage1Objective(_Objective):
 
 
 class Stage2Objective(_Objective):
-    """§12.2: multi-hypothesis silhouette, camera entropy, smoothness, deformation, texture
+    """docs/method.md §12.2: multi-hypothesis silhouette, camera entropy, smoothness, deformation, texture
     (per hypothesis), RGB GAN, part matching and vertex correspondence losses."""
 
     def __init__(

@@ -1,9 +1,9 @@
-"""Dense plain-PyTorch reference of the soft rasterizer (spec soft_rasterizer.md §2–4, 5.4).
+"""Dense plain-PyTorch reference of the soft rasterizer (docs/rasterizer.md §2–4, 5.4).
 
 Every pixel is tested against every face (O(B·S²·F), chunked over pixels), with the same
 float operations in the same order as the kernels' math header (including its precomputed
-reciprocals: ``x * (1/σ)`` where the spec writes ``x / σ``), so the two agree to rounding.
-Built as the spec's *gradient-equivalent surrogate* (§5.4): discrete choices (culling, closest
+reciprocals: ``x * (1/σ)`` where the formulas read ``x / σ``), so the two agree to rounding.
+Built as a *gradient-equivalent surrogate* (docs/rasterizer.md §5.4): discrete choices (culling, closest
 point coefficients, clipped barycentrics, texel indices, the softmax maximum) are detached, so
 autograd through this function gives exactly the kernels' analytic gradient. Each chunk is
 checkpointed, so memory stays O(chunk) with gradients too. Use it for tests and benchmarks,
@@ -42,7 +42,7 @@ def _face_setup(face_vertices: torch.Tensor):
 
 class _ProdAlpha(torch.autograd.Function):
     """alpha = 1 − Π_f (1 − D_f) over the last dim, with the kernels' gradient
-    (1 − alpha) / max(1 − D_f, 1e-6) (spec §5.2(a); exact unless D_f > 1 − 1e-6)."""
+    (1 − alpha) / max(1 − D_f, 1e-6) (docs/rasterizer.md §5.2(a); exact unless D_f > 1 − 1e-6)."""
 
     @staticmethod
     def forward(ctx, D):
@@ -125,7 +125,7 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
     elif s.aggr_func_alpha == "sum":
         alpha = D.sum(-1) / F
     else:
-        alpha = (valid & (D > 0.5)).any(-1).to(dtype)  # not differentiable (intended, §5.2(a))
+        alpha = (valid & (D > 0.5)).any(-1).to(dtype)  # not differentiable (intended, docs/rasterizer.md §5.2(a))
 
     with torch.no_grad():
         wb = w.clamp(1e-5, 1 - 1e-5)
@@ -173,7 +173,7 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
             smax = zeta_ok.max(-1).values.clamp_min(s.eps)  # (B, P)
         exponent = torch.where(rgb_ok, (zeta - smax[..., None]) * (1.0 / s.gamma_val), -math.inf)
         weight = torch.exp(exponent) * D
-        bg_weight = torch.exp((2 * s.eps - smax) / s.gamma_val)  # background as closeness 2·eps (§3.8)
+        bg_weight = torch.exp((2 * s.eps - smax) / s.gamma_val)  # background: closeness 2·eps (rasterizer.md §3.8)
         ssum = bg_weight + weight.sum(-1)
         rgb = (bg_weight[..., None] * bg + (weight[..., None] * color).sum(-2)) / ssum[..., None]
         if s.return_p2f:

@@ -9,7 +9,7 @@ Two layers, in the spirit of nvdiffrast:
 * :class:`SoftRenderer` — UMR's wrapper: orthographic camera from the 7-vector, y flip, depth
   offsets, lighting, supersampling.
 
-Conventions (spec soft_rasterizer.md §1.6, model_training_eval.md §0.1): the rasterizer's
+Conventions (docs/conventions.md §3, docs/conventions.md §2): the rasterizer's
 screen frame has x right and **y up**, raster pixel (r, c) of an S x S raster centred at
 ``((2c + 1 − S)/S, (S − 1 − 2r)/S)``; row 0 is the top. The renderer flips UMR's y-down
 projected coordinates, so row r of a render lies over row r of the input image.
@@ -202,7 +202,7 @@ def soft_rasterize(
         settings: :class:`RasterSettings`.
     Returns:
         :class:`RasterOutput`. Gradients flow to ``face_vertices`` and ``textures`` through
-        ``image`` (the spec's analytic gradient, soft_rasterizer.md §5.2).
+        ``image`` (the analytic gradient of docs/rasterizer.md §5.2).
     """
     textures = _prepare_textures(face_vertices, textures, settings)
     image, face_index, depth, p2f = _SoftRasterize.apply(face_vertices.contiguous(), textures, settings)
@@ -262,14 +262,22 @@ def face_pixel_centers(face_index: torch.Tensor, num_faces: int, align_corners: 
     return centers.reshape(batch, num_faces, 2), (counts > 0).reshape(batch, num_faces)
 
 
+# Depth of projected points: the camera adds CAMERA_DEPTH and the renderer's eye sits EYE_DISTANCE
+# in front of the origin (the original's look_at eye), so a vertex of depth d is drawn at
+# d + DEPTH_OFFSET (docs/conventions.md §2).
+CAMERA_DEPTH = 5.0
+EYE_DISTANCE = 2.732
+DEPTH_OFFSET = CAMERA_DEPTH + EYE_DISTANCE
+
+
 class SoftRenderer(nn.Module):
     """UMR's renderer: camera 7-vector → orthographic projection → lighting → soft rasterizer.
 
-    Defaults are UMR's (spec model_training_eval.md §3.1): 256 px output rasterized at 512 and
+    Defaults are UMR's (docs/rasterizer.md §1): 256 px output rasterized at 512 and
     2x2 average-pooled, sigma 1e-5, gamma 1e-4, dist_eps 1e-10, black background, ambient 0.8
     plus a directional light 0.5 towards the image top, double-sided euclidean/prod, and the
     depth ``s·(RX)_z + 5 + 2.732``. ``facing_normals=True`` lights every face from its visible
-    side (for pictures; the template's winding is inconsistent, spec Q21).
+    side (for pictures; the template's winding is inconsistent, docs/method.md §1.1).
 
     Forward:
         verts: (B, V, 3) object-frame vertices.
@@ -305,8 +313,8 @@ class SoftRenderer(nn.Module):
         aggr_func_alpha: str = "prod",
         fill_back: bool = True,
         texture_type: str = "surface",
-        z_offset: float = 5.0,
-        eye_distance: float = 2.732,
+        z_offset: float = CAMERA_DEPTH,
+        eye_distance: float = EYE_DISTANCE,
         facing_normals: bool = False,
     ):
         super().__init__()
@@ -315,7 +323,7 @@ class SoftRenderer(nn.Module):
         self.z_offset = z_offset
         self.eye_distance = eye_distance
         # Light each face as seen from its visible side. For pictures: half of the template's
-        # faces are wound inwards (spec Q21), which otherwise shades the mesh like a checkerboard.
+        # faces are wound inwards (docs/method.md §1.1), which otherwise shades the mesh like a checkerboard.
         self.facing_normals = facing_normals
         self.light_intensity_ambient = light_intensity_ambient
         self.light_intensity_directional = light_intensity_directional
@@ -357,7 +365,7 @@ class SoftRenderer(nn.Module):
     def forward(self, verts, faces, cams, textures=None, return_p2f: bool = False,
                 rgb_geometry_grad: bool = True) -> RasterOutput:
         screen = orthographic_proj_withz(verts, cams, offset_z=self.z_offset)
-        # The rasterizer's y axis points up, UMR's image y down: flip so rows line up (§0.1).
+        # The rasterizer's y axis points up, UMR's image y down: flip so rows line up (docs/conventions.md §2).
         screen = screen * screen.new_tensor([1.0, -1.0, 1.0])
         face_verts = gather_face_vertices(screen, faces)  # lighting uses the flipped, unshifted frame
         settings = replace(self.settings, return_p2f=return_p2f, rgb_geometry_grad=rgb_geometry_grad)

@@ -1,4 +1,4 @@
-"""The training loop shared by ``train_s1`` and ``train_s2`` (spec model_training_eval.md §13).
+"""The training loop shared by ``train_s1`` and ``train_s2`` (docs/method.md §13).
 
 * Adam over the model and the discriminator (lr ``learning_rate / (1 + 5e-4·n)``, n the global
   iteration from 1), one backward per iteration, a step every ``optim_bs`` iterations.
@@ -602,7 +602,7 @@ def seed_everything(seed: int) -> None:
 
 
 def make_template_update(freq: int, jump: bool = False) -> Callable:
-    """Stage 1's template update (§10.3): after every ``freq``-th epoch, run the model (train
+    """Stage 1's template update (docs/method.md §10.3): after every ``freq``-th epoch, run the model (train
     mode, no gradients) over that epoch's training batches and move the mean predicted
     deformation (over all samples of all processes) into the template ``mean_v``.
 

@@ -44,7 +44,7 @@ Settings<T> make_settings(const RasterConfig& cfg, int num_faces, int texels) {
   s.inv_sigma = T(1.0 / cfg.sigma);
   s.inv_gamma = T(1.0 / cfg.gamma);
   s.inv_depth_range = T(1.0 / (cfg.far - cfg.near));
-  // ln(1/eps_d - 1) in double, then the product in the kernel's precision (spec §0)
+  // ln(1/eps_d - 1) in double, then the product in the kernel's precision (docs/rasterizer.md §0)
   s.threshold = T(std::log(1.0 / cfg.dist_eps - 1.0)) * s.sigma;
   s.margin = std::sqrt(s.threshold);
   for (int k = 0; k < 3; ++k) s.bg[k] = T(cfg.background[k]);

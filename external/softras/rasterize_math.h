@@ -1,7 +1,7 @@
 // Per-face and per-(pixel, face) math of the soft rasterizer, written once and shared by the CPU
 // kernel (rasterize_cpu.cpp, one pixel or a vector of a row's pixels at a time) and the CUDA
 // kernel (rasterize_cuda.cu, one pixel per thread), so that CPU tests exercise the GPU's
-// arithmetic. The formulas follow ../shared/spec/soft_rasterizer.md; section
+// arithmetic. The formulas follow docs/rasterizer.md; section
 // numbers below refer to it. Screen frame: x right, y up, pixel (r, c) of an S x S raster
 // centred at ((2c + 1 - S) / S, (S - 1 - 2r) / S).
 #pragma once
@@ -43,7 +43,7 @@ constexpr int kTileSize = 16;
 // PyTorch reference does the same arithmetic.
 constexpr int kFaceInfoSize = 36;
 
-// Depth of an empty z-buffer (spec §3.0) and the hard-z-buffer "no face" index.
+// Depth of an empty z-buffer (docs/rasterizer.md §3.0) and the hard-z-buffer "no face" index.
 constexpr double kEmptyDepth = 1e7;
 
 template <typename T>
@@ -97,7 +97,7 @@ UMR_HD T pixel_x(int c, int S) { return T(2 * c + 1 - S) / T(S); }
 template <typename T>
 UMR_HD T pixel_y(int r, int S) { return T(S - 1 - 2 * r) / T(S); }
 
-// §2: barycentric inverse, bounding box and facing of one face.
+// docs/rasterizer.md §2: barycentric inverse, bounding box and facing of one face.
 template <typename T>
 UMR_HD void setup_face(const T* v, T* info) {
   const T x0 = v[0], y0 = v[1], x1 = v[3], y1 = v[4], x2 = v[6], y2 = v[7];
@@ -150,7 +150,7 @@ UMR_HD float exp_underflow<float>() { return -110.0f; }
 template <>
 UMR_HD double exp_underflow<double>() { return -760.0; }
 
-// §8: inclusive pixel range [c_lo, c_hi] x [r_lo, r_hi] that the face's expanded bounding box
+// docs/rasterizer.md §8: inclusive pixel range [c_lo, c_hi] x [r_lo, r_hi] that the face's expanded bounding box
 // can reach, widened by one pixel against rounding (the exact per-pixel test still applies).
 // Empty (c_lo > c_hi or r_lo > r_hi) for faces off the raster or with non-finite coordinates.
 // With binning off, every finite face gets the whole raster.
@@ -250,7 +250,7 @@ UMR_HD MaskOf<V> softmax_weight_underflows(const ValueOf<V>* info, const Setting
   return (zeta_max <= smax) & ((zeta_max - smax) * s.inv_gamma < exp_underflow<T>());
 }
 
-// §3.1: the expanded bounding-box test (strict comparisons: a pixel on the border is kept).
+// docs/rasterizer.md §3.1: the expanded bounding-box test (strict comparisons: a pixel on the border is kept).
 template <typename T>
 UMR_HD bool in_x_box(const T* info, T px, const Settings<T>& s) {
   return !(px > info[19] + s.margin || px < info[18] - s.margin);
@@ -266,7 +266,7 @@ UMR_HD bool in_y_box(const T* info, T py, const Settings<T>& s) {
 template <typename T>
 UMR_HD T edge_cull_limit(const Settings<T>& s) { return s.margin * T(1.0001); }
 
-// Result of the coverage test of a batch of pixels against one face (§3.1-3.3).
+// Result of the coverage test of a batch of pixels against one face (docs/rasterizer.md §3.1-3.3).
 template <typename V>
 struct Coverage {
   V w[3];          // unclipped barycentrics
@@ -274,11 +274,11 @@ struct Coverage {
   V sign;          // euclidean: +1 strictly inside, -1 otherwise
   V coef[3];       // euclidean: barycentric coefficients of the closest boundary point Q
   V qp[2];         // euclidean: Q - P
-  V wm, am[2];     // barycentric: the smallest w (spec's tie rule) and row m of the inverse A
+  V wm, am[2];     // barycentric: the smallest w (docs/rasterizer.md §3.3's tie rule) and row m of the inverse A
   MaskOf<V> inside;  // closed inside test 0 <= w_k <= 1 (hard distance, z-buffer winner)
 };
 
-// §3.1-3.3 at pixels (px, py), whose bounding-box test the caller has applied (the cull spans of
+// docs/rasterizer.md §3.1-3.3 at pixels (px, py), whose bounding-box test the caller has applied (the cull spans of
 // rasterize_tiles.h). Returns the pixels the face is not culled at (no alpha, RGB or p2f elsewhere).
 template <typename V>
 UMR_HD MaskOf<V> eval_coverage(const ValueOf<V>* info, V px, ValueOf<V> py, const Settings<ValueOf<V>>& s,
@@ -313,8 +313,8 @@ UMR_HD MaskOf<V> eval_coverage(const ValueOf<V>* info, V px, ValueOf<V> py, cons
   }
   // Euclidean: squared distance to the closed triangle's boundary, as the minimum over the
   // three edges of the distance to the clamped segment. In exact arithmetic this equals the
-  // spec's region rule (§3.3) both inside (nearest supporting line) and outside (edge or vertex
-  // regions), without its out-of-bounds case; ties keep the lower edge index.
+  // original's region rule (docs/rasterizer.md §3.3) both inside (nearest supporting line) and
+  // outside (edge or vertex regions), without its out-of-bounds case; ties keep the lower edge index.
   const Mask strictly_inside = (w0 > T(0)) & (w0 < T(1)) & (w1 > T(0)) & (w1 < T(1)) & (w2 > T(0)) & (w2 < T(1));
   const Mask outside = Bt::mask_not(strictly_inside);
   cov.sign = Bt::select(strictly_inside, Bt::splat(T(1)), Bt::splat(T(-1)));
@@ -378,7 +378,7 @@ UMR_HD bool coverage_halfplanes(const T* info, const Settings<T>& s, double* lim
   return true;
 }
 
-// §3.5: clipped, renormalised barycentrics and perspective-correct depth.
+// docs/rasterizer.md §3.5: clipped, renormalised barycentrics and perspective-correct depth.
 template <typename V>
 UMR_HD V clipped_depth(const ValueOf<V>* info, const V* w, V* wb) {
   using Bt = Batch<V>;
@@ -390,7 +390,7 @@ UMR_HD V clipped_depth(const ValueOf<V>* info, const V* w, V* wb) {
   return T(1) / (wb[0] * info[27] + wb[1] * info[28] + wb[2] * info[29]);
 }
 
-// §3.6: texel of a surface texture (R x R per face) at clipped barycentrics wb.
+// docs/rasterizer.md §3.6: texel of a surface texture (R x R per face) at clipped barycentrics wb.
 template <typename V>
 UMR_HD IntOf<V> surface_texel(const V* wb, int R) {
   using Bt = Batch<V>;
@@ -423,7 +423,7 @@ UMR_HD void face_color(const ValueOf<V>* tex, const V* wb, MaskOf<V> mask, const
     color[k] = Bt::select(mask, wb[0] * tex[k] + wb[1] * tex[3 + k] + wb[2] * tex[6 + k], Bt::splat(T(0)));
 }
 
-// Running state of a batch of pixels during the forward pass (§3.0, 3.4, 3.7, 3.8).
+// Running state of a batch of pixels during the forward pass (docs/rasterizer.md §3.0, 3.4, 3.7, 3.8).
 template <typename V>
 struct PixelState {
   V alpha;
@@ -436,7 +436,7 @@ struct PixelState {
 template <typename T>
 UMR_HD void init_pixel(const Settings<T>& s, PixelState<T>& p) {
   p.alpha = s.aggr_alpha == ALPHA_PROD ? T(1) : T(0);
-  // The background acts as a face of closeness 2*eps (quirk kept from the original, §3.8).
+  // The background acts as a face of closeness 2*eps (quirk kept from the original, docs/rasterizer.md §3.8).
   p.ssum = s.aggr_rgb == RGB_SOFTMAX ? umr_exp(s.eps / s.gamma) : T(1);
   p.smax = s.eps;
   for (int k = 0; k < 3; ++k) p.color[k] = s.bg[k] * p.ssum;
@@ -505,7 +505,7 @@ UMR_HD V update_pixel(const ValueOf<V>* info, const ValueOf<V>* tex, int f, cons
   return u;
 }
 
-// Final RGBA of a pixel (§3.9).
+// Final RGBA of a pixel (docs/rasterizer.md §3.9).
 template <typename T>
 UMR_HD void finish_pixel(const PixelState<T>& p, const Settings<T>& s, T* rgba) {
   for (int k = 0; k < 3; ++k) rgba[k] = s.aggr_rgb == RGB_SOFTMAX ? p.color[k] / p.ssum : p.color[k];
@@ -518,7 +518,7 @@ UMR_HD void finish_pixel(const PixelState<T>& p, const Settings<T>& s, T* rgba) 
   }
 }
 
-// Pixel-grid position used by p2f (§4.2), second component pointing down.
+// Pixel-grid position used by p2f (docs/rasterizer.md §4.2), second component pointing down.
 template <typename T>
 UMR_HD void p2f_grid(int r, int c, const Settings<T>& s, T* g) {
   const int S = s.image_size;
@@ -557,7 +557,7 @@ UMR_HD MaskOf<V> pair_is_inert(const ValueOf<V>* info, int f, const Settings<Val
   return no_alpha & (no_rgb | rgb_inert);
 }
 
-// §5.2: gradients of the pairs (pixel, face f) in mask (coverage already evaluated). Adds the
+// docs/rasterizer.md §5.2: gradients of the pairs (pixel, face f) in mask (coverage already evaluated). Adds the
 // geometry gradient to grad (9 values, x y z per vertex; one partial sum per lane) and returns
 // the texture gradient per pixel, for the caller to spread: grad_tex[texel] += tex_weight * g
 // (surface), grad_tex[v] += tex_weight * wb[v] * g (vertex); tex_weight 0: none.
@@ -565,7 +565,7 @@ UMR_HD MaskOf<V> pair_is_inert(const ValueOf<V>* info, int f, const Settings<Val
 // gradient reaches the textures only), while alpha keeps its geometry gradient: one render then
 // serves both a silhouette loss and a texture loss that must not move the shape.
 // Where the original is undefined or drops a term by accident, the intended rule is used:
-// one-hot texel gradient (§5.3.6), zero gradient of hard alpha, and faces outside [near, far]
+// one-hot texel gradient (docs/rasterizer.md §5.3.6), zero gradient of hard alpha, and faces outside [near, far]
 // keep their alpha gradient (they do feed alpha in the forward).
 template <typename V>
 UMR_HD void backward_pair(const ValueOf<V>* info, const ValueOf<V>* tex, int f, const Coverage<V>& cov,
@@ -596,7 +596,7 @@ UMR_HD void backward_pair(const ValueOf<V>* info, const ValueOf<V>* tex, int f, 
           px.g[0] * (color[0] - px.rgba[0]) + px.g[1] * (color[1] - px.rgba[1]) + px.g[2] * (color[2] - px.rgba[2]);
       if (s.rgb_geometry_grad) {
         dD = Bt::select(rgb, dD + weight_over_D * lam, dD);
-        // closeness -> depth -> vertex depths, clipped barycentrics held fixed (§5.3.2)
+        // closeness -> depth -> vertex depths, clipped barycentrics held fixed (docs/rasterizer.md §5.3.2)
         const V dz = -omega * lam * s.inv_gamma * s.inv_depth_range * zp * zp;
         for (int i = 0; i < 3; ++i)
           grad[3 * i + 2] = grad[3 * i + 2] + Bt::select(rgb, dz * wb[i] * info[27 + i] * info[27 + i], zero);

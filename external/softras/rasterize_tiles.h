@@ -107,7 +107,7 @@ struct TilePixels {
 };
 
 // One face in one tile: the tile-relative rows [r0, r1] and, per row, the inclusive columns
-// where the face passes its pixel range, the exact bounding-box test (§3.1: separable, so it is
+// where the face passes its pixel range, the exact bounding-box test (docs/rasterizer.md §3.1: separable, so it is
 // applied once per row and column instead of per pixel) and the row clip. Every pixel outside
 // them is culled by eval_coverage for certain, so the kernels visit only the pixels inside.
 // Pixels: the tile's pixel coordinates (TilePixels or a table with the same x(c) and y(r)).
