@@ -30,7 +30,7 @@ def main(_):
     dataset = build_dataset(FLAGS, FLAGS.split, use_scops=False)
     model = build_model(FLAGS, stage=1)
     config = ObjectiveConfig.from_flags(FLAGS, stage=1)
-    disc = Discriminator(FLAGS.grl_wt, 1, FLAGS.image_size) if FLAGS.use_gan else None
+    disc = Discriminator(config.grl_wt, 1, config.image_size) if config.use_gan else None
     objective = Stage1Objective(model, config, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},

@@ -39,7 +39,7 @@ def main(_):
     labels = face_sample_labels(template.seg, model.texture_predictor.uv_sampler, model.mesh,
                                 Quirks.from_flags(FLAGS).q10_rounded_labels)
     config = ObjectiveConfig.from_flags(FLAGS, stage=2)
-    disc = Discriminator(FLAGS.grl_wt, 3, FLAGS.image_size) if FLAGS.use_gan else None
+    disc = Discriminator(config.grl_wt, 3, config.image_size) if config.use_gan else None
     objective = Stage2Objective(model, config, labels, template.vertices, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()},

@@ -1,8 +1,9 @@
 // CUDA kernel of the soft rasterizer: the per-pixel math of rasterize_math.h and the binning
 // and culling of rasterize_tiles.h, the CPU kernel's own. One 16 x 16 block per tile, one
 // thread per pixel; all threads of a block walk the tile's face list (ascending index) in
-// chunks of kTileSize faces: first each thread computes one (face, tile row) cull span of the
-// chunk into shared memory, then each pixel visits the chunk's faces whose span holds it.
+// chunks of kTileSize faces (for_each_tile_face): first each thread computes one (face, tile
+// row) cull span of the chunk into shared memory, then each pixel visits the chunk's faces
+// whose span holds it.
 // Bins are built on the device by bin_image, one thread per image. p2f sums and gradients are
 // added with atomics (the CPU kernel sums per tile first: it has few threads, and its tiles of
 // one image are often one task's, so it adds without atomics).
@@ -50,45 +51,58 @@ __device__ void load_spans(const T* info, const int* ranges, const int32_t* bins
   cull.columns(row, lo[j][row], hi[j][row]);
 }
 
+// Calls visit(f, face) for every face of tile `item`'s list (ascending f; face = b * F + f) whose
+// cull span holds this thread's pixel, in chunks of kTileSize faces whose spans the block first
+// computes together (load_spans). Every thread of the block must call it: it synchronises.
+// active: whether this thread's pixel takes part (threads past the raster's edge only help).
+template <typename T, typename Visit>
+__device__ void for_each_tile_face(const T* info, const int* ranges, const int64_t* offsets, const int32_t* bins,
+                                   int64_t item, int64_t F, const TileBox& box, const Settings<T>& s, bool active,
+                                   Visit&& visit) {
+  __shared__ int span_lo[kTileSize][kTileSize], span_hi[kTileSize][kTileSize];  // [face of chunk][row]
+  const int tr = threadIdx.y, tc = threadIdx.x;
+  const int64_t begin = offsets[item], end = offsets[item + 1];
+  for (int64_t k0 = begin; k0 < end; k0 += kTileSize) {
+    load_spans(info, ranges, bins, k0, end, F, box, s, span_lo, span_hi);
+    __syncthreads();
+    const int n = int(end - k0 < kTileSize ? end - k0 : kTileSize);
+    for (int j = 0; j < n && active; ++j) {
+      if (tc < span_lo[j][tr] || tc > span_hi[j][tr]) continue;
+      const int f = bins[k0 + j];
+      visit(f, box.b * F + f);
+    }
+    __syncthreads();  // the spans are rewritten next
+  }
+}
+
 template <typename T>
 __global__ void forward_kernel(const T* __restrict__ tex, const T* __restrict__ info, const int* __restrict__ ranges,
                                const int64_t* __restrict__ offsets, const int32_t* __restrict__ bins, int64_t F,
                                int64_t nt, Settings<T> s, bool return_p2f, T* __restrict__ image,
                                int64_t* __restrict__ face_index, T* __restrict__ depth, T* __restrict__ softmax_sum,
                                T* __restrict__ softmax_max, T* __restrict__ p2f) {
-  __shared__ int span_lo[kTileSize][kTileSize], span_hi[kTileSize][kTileSize];  // [face of chunk][row]
   const int S = s.image_size;
   const int64_t item = (int64_t(blockIdx.z) * nt + blockIdx.y) * nt + blockIdx.x;
   const TileBox box = tile_box(item, nt, S);
-  const int tr = threadIdx.y, tc = threadIdx.x, r = box.r0 + tr, c = box.c0 + tc;
-  const bool on_raster = r < S && c < S;  // threads past the raster's edge still help with the spans
+  const int r = box.r0 + int(threadIdx.y), c = box.c0 + int(threadIdx.x);
+  const bool on_raster = r < S && c < S;
   const T px = pixel_x<T>(c, S), py = pixel_y<T>(r, S);
   PixelState<T> state;
   init_pixel(s, state);
   T grid[2];
   p2f_grid(r, c, s, grid);
-  const int64_t begin = offsets[item], end = offsets[item + 1];
-  for (int64_t k0 = begin; k0 < end; k0 += kTileSize) {
-    load_spans(info, ranges, bins, k0, end, F, box, s, span_lo, span_hi);
-    __syncthreads();
-    const int n = int(end - k0 < kTileSize ? end - k0 : kTileSize);
-    for (int j = 0; j < n && on_raster; ++j) {
-      if (tc < span_lo[j][tr] || tc > span_hi[j][tr]) continue;
-      const int f = bins[k0 + j];
-      const int64_t face = box.b * F + f;
-      const T* finfo = info + kFaceInfoSize * face;
-      if (face_is_inert(finfo, s, state)) continue;
-      Coverage<T> cov;
-      if (!eval_coverage(finfo, px, py, s, cov)) continue;
-      const T u = update_pixel(finfo, tex + int64_t(s.texels) * 3 * face, f, cov, true, s, state);
-      if (return_p2f && u != T(0)) {
-        atomicAdd(p2f + 3 * face, u * grid[0]);
-        atomicAdd(p2f + 3 * face + 1, u * grid[1]);
-        atomicAdd(p2f + 3 * face + 2, u);
-      }
+  for_each_tile_face(info, ranges, offsets, bins, item, F, box, s, on_raster, [&](int f, int64_t face) {
+    const T* finfo = info + kFaceInfoSize * face;
+    if (face_is_inert(finfo, s, state)) return;
+    Coverage<T> cov;
+    if (!eval_coverage(finfo, px, py, s, cov)) return;
+    const T u = update_pixel(finfo, tex + int64_t(s.texels) * 3 * face, f, cov, true, s, state);
+    if (return_p2f && u != T(0)) {
+      atomicAdd(p2f + 3 * face, u * grid[0]);
+      atomicAdd(p2f + 3 * face + 1, u * grid[1]);
+      atomicAdd(p2f + 3 * face + 2, u);
     }
-    __syncthreads();  // the spans are rewritten next
-  }
+  });
   if (!on_raster) return;
   const int64_t b = box.b, plane = int64_t(S) * S, pix = int64_t(r) * S + c;
   T rgba[4];
@@ -109,11 +123,10 @@ __global__ void backward_kernel(const T* __restrict__ grad_image, const T* __res
                                 const T* __restrict__ info, const int* __restrict__ ranges,
                                 const int64_t* __restrict__ offsets, const int32_t* __restrict__ bins, int64_t F,
                                 int64_t nt, Settings<T> s, T* __restrict__ grad_fv, T* __restrict__ grad_tex) {
-  __shared__ int span_lo[kTileSize][kTileSize], span_hi[kTileSize][kTileSize];
   const int S = s.image_size;
   const int64_t item = (int64_t(blockIdx.z) * nt + blockIdx.y) * nt + blockIdx.x;
   const TileBox box = tile_box(item, nt, S);
-  const int tr = threadIdx.y, tc = threadIdx.x, r = box.r0 + tr, c = box.c0 + tc;
+  const int r = box.r0 + int(threadIdx.y), c = box.c0 + int(threadIdx.x);
   const int64_t b = box.b, plane = int64_t(S) * S, pix = int64_t(r) * S + c;
   const bool softmax = s.aggr_rgb == RGB_SOFTMAX;
   PixelSaved<T> saved;
@@ -129,32 +142,21 @@ __global__ void backward_kernel(const T* __restrict__ grad_image, const T* __res
     saved.fbest = int(face_index[b * plane + pix]);
   }
   const T px = pixel_x<T>(c, S), py = pixel_y<T>(r, S);
-  const int64_t begin = offsets[item], end = offsets[item + 1];
-  for (int64_t k0 = begin; k0 < end; k0 += kTileSize) {
-    load_spans(info, ranges, bins, k0, end, F, box, s, span_lo, span_hi);
-    __syncthreads();
-    const int n = int(end - k0 < kTileSize ? end - k0 : kTileSize);
-    for (int j = 0; j < n && has_grad; ++j) {
-      if (tc < span_lo[j][tr] || tc > span_hi[j][tr]) continue;
-      const int f = bins[k0 + j];
-      const int64_t face = b * F + f;
-      const T* finfo = info + kFaceInfoSize * face;
-      if (pair_is_inert(finfo, f, s, saved)) continue;
-      Coverage<T> cov;
-      if (!eval_coverage(finfo, px, py, s, cov)) continue;
-      T grad_face[9] = {}, wb[3], tex_weight;
-      int texel = 0;
-      const T* ftex = tex + int64_t(s.texels) * 3 * face;
-      backward_pair(finfo, ftex, f, cov, true, s, saved, grad_face, wb, tex_weight, texel);
-      for (int q = 0; q < 9; ++q)
-        if (grad_face[q] != T(0)) atomicAdd(grad_fv + 9 * face + q, grad_face[q]);
-      const TextureGrad<T> tg = texture_grad(s, tex_weight, wb, texel);
-      T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
-      for (int i = 0; i < tg.count; ++i)
-        for (int q = 0; q < 3; ++q) atomicAdd(gtex + 3 * tg.index[i] + q, tg.weight[i] * saved.g[q]);
-    }
-    __syncthreads();
-  }
+  for_each_tile_face(info, ranges, offsets, bins, item, F, box, s, has_grad, [&](int f, int64_t face) {
+    const T* finfo = info + kFaceInfoSize * face;
+    if (pair_is_inert(finfo, f, s, saved)) return;
+    Coverage<T> cov;
+    if (!eval_coverage(finfo, px, py, s, cov)) return;
+    T grad_face[9] = {}, wb[3], tex_weight;
+    int texel = 0;
+    backward_pair(finfo, tex + int64_t(s.texels) * 3 * face, f, cov, true, s, saved, grad_face, wb, tex_weight, texel);
+    for (int q = 0; q < 9; ++q)
+      if (grad_face[q] != T(0)) atomicAdd(grad_fv + 9 * face + q, grad_face[q]);
+    const TextureGrad<T> tg = texture_grad(s, tex_weight, wb, texel);
+    T* gtex = grad_tex + int64_t(s.texels) * 3 * face;
+    for (int i = 0; i < tg.count; ++i)
+      for (int q = 0; q < 3; ++q) atomicAdd(gtex + 3 * tg.index[i] + q, tg.weight[i] * saved.g[q]);
+  });
 }
 
 constexpr int kThreads = 256;
