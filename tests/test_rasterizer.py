@@ -274,15 +274,16 @@ def test_shared_binning_and_cull_visit_every_kept_pair(dist, dtype, device):
     settings = RasterSettings(image_size=S, dist_func=dist, **SOFT)
     kept = kept_pairs_reference(fv, settings)
     (fv_dev, tex) = on(device, True, fv, random_textures(fv, "surface", seed=22))
-    out = _C.forward(fv_dev, tex, *settings._kernel_args(), False, True, True, True)
-    info, ranges, offsets, faces = (t.cpu() for t in out[6:10])
+    out = _C.forward(fv_dev, tex, settings.kernel_config())
+    bins = {name: out[name].cpu() for name in ("face_info", "face_ranges", "bin_offsets", "bin_faces")}
+    info, ranges, offsets, faces = bins.values()
     nt = -(-S // _C.tile_size)
     assert offsets.shape == (2 * nt * nt + 1,) and offsets[0] == 0
     expected = reference_bins(ranges, nt)
     for tile, faces_expected in enumerate(expected):
         assert torch.equal(faces[offsets[tile]:offsets[tile + 1]], faces_expected), f"tile {tile}"
     assert (ranges[0, 6, 0] > ranges[0, 6, 1]) and (ranges[1, 7, 0] > ranges[1, 7, 1])
-    visited = _C.visited_pairs(info, ranges, offsets, faces, *settings._kernel_args())
+    visited = _C.visited_pairs(bins, settings.kernel_config())
     assert kept.any() and not (kept & ~visited).any(), "a kept pair is culled by the binning"
     in_ranges = sum(int((r[1] - r[0] + 1).clamp_min(0) * (r[3] - r[2] + 1).clamp_min(0)) for r in ranges.reshape(-1, 4))
     # tight: the spans skip a quarter or more of the faces' pixel ranges, and pass at most twice
@@ -382,12 +383,42 @@ def test_input_errors():
     with pytest.raises(ValueError, match="dist_func"):
         RasterSettings(dist_func="manhattan")
     # the raw kernel refuses non-contiguous input (soft_rasterize makes its inputs contiguous)
-    args = settings._kernel_args()
     strided = torch.cat([fv, fv], dim=-1)[..., :3]
     assert not strided.is_contiguous()
     with pytest.raises(RuntimeError, match="contiguous"):
-        _C.forward(strided, tex, *args, False, True, True, True)
+        _C.forward(strided, tex, settings.kernel_config())
     torch.testing.assert_close(soft_rasterize(strided, tex, settings).image, soft_rasterize(fv, tex, settings).image)
+
+
+def test_kernel_boundary_is_by_name():
+    """The kernels take a RasterConfig filled by field name and return and take tensors by
+    name, so no reordering can swap two values silently."""
+    settings = RasterSettings(image_size=8, sigma_val=3e-5, gamma_val=2e-4, near=0.5, far=20.0, eps=2e-3,
+                              dist_eps=1e-3, dist_func="barycentric", aggr_func_alpha="sum", double_side=False,
+                              return_p2f=True, binning=False, vectorize=False, rgb_geometry_grad=False,
+                              background_color=(0.1, 0.2, 0.3))
+    config = settings.kernel_config()
+    fields = {name for name in dir(config) if not name.startswith("_")}
+    assert fields == set(settings._kernel_fields()), "RasterConfig and RasterSettings name different fields"
+    for name, value in settings._kernel_fields().items():
+        assert getattr(config, name) == pytest.approx(value), name  # float fields round-trip through double
+    with pytest.raises(AttributeError):
+        config.sigma_val = 1.0  # RasterSettings' name, not the kernel's: refused, not added
+    fv = random_faces(1, 4, seed=20, special=False)
+    tex = random_textures(fv, "surface", seed=21)
+    out = _C.forward(face_vertices=fv, textures=tex, config=config)
+    assert set(out) == {"image", "face_index", "depth", "softmax_sum", "softmax_max", "p2f", "face_info",
+                        "face_ranges", "bin_offsets", "bin_faces"}
+    assert out["image"].shape == (1, 4, 8, 8) and out["face_index"].dtype == torch.int64
+    saved = {**out, "textures": tex}
+    grads = _C.backward(grad_image=torch.ones_like(out["image"]), saved=saved, config=config)
+    assert set(grads) == {"grad_face_vertices", "grad_textures"} and grads["grad_textures"].shape == tex.shape
+    del saved["softmax_max"]
+    with pytest.raises(RuntimeError, match="missing tensor 'softmax_max'"):
+        _C.backward(grad_image=torch.ones_like(out["image"]), saved=saved, config=config)
+    config.dist_eps = 0.7
+    with pytest.raises(RuntimeError, match="dist_eps"):
+        _C.forward(face_vertices=fv, textures=tex, config=config)
 
 
 def test_face_index_and_depth_are_the_nearest_containing_face():

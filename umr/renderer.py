@@ -112,21 +112,33 @@ class RasterSettings:
             raise ValueError(f"RasterSettings.background_color needs 3 values, got {self.background_color!r}")
         object.__setattr__(self, "background_color", tuple(float(c) for c in self.background_color))
 
-    def _kernel_args(self) -> tuple:
-        return (
-            int(self.image_size),
-            list(self.background_color),
-            float(self.near),
-            float(self.far),
-            float(self.eps),
-            float(self.sigma_val),
-            float(self.gamma_val),
-            float(self.dist_eps),
-            _DIST_FUNCS[self.dist_func],
-            _RGB_AGGRS[self.aggr_func_rgb],
-            _ALPHA_AGGRS[self.aggr_func_alpha],
-            _TEXTURE_TYPES[self.texture_type],
-            bool(self.double_side),
+    def kernel_config(self):
+        """These settings as the kernels' ``umr._C.RasterConfig``, every field set by name."""
+        config = _kernels().RasterConfig()
+        for name, value in self._kernel_fields().items():
+            setattr(config, name, value)  # a name the extension does not know raises AttributeError
+        return config
+
+    def _kernel_fields(self) -> dict:
+        return dict(
+            image_size=int(self.image_size),
+            background=list(self.background_color),
+            near=float(self.near),
+            far=float(self.far),
+            eps=float(self.eps),
+            sigma=float(self.sigma_val),
+            gamma=float(self.gamma_val),
+            dist_eps=float(self.dist_eps),
+            dist_func=_DIST_FUNCS[self.dist_func],
+            aggr_rgb=_RGB_AGGRS[self.aggr_func_rgb],
+            aggr_alpha=_ALPHA_AGGRS[self.aggr_func_alpha],
+            texture_type=_TEXTURE_TYPES[self.texture_type],
+            double_side=bool(self.double_side),
+            return_p2f=bool(self.return_p2f),
+            p2f_align_corners=bool(self.p2f_align_corners),
+            binning=bool(self.binning),
+            vectorize=bool(self.vectorize),
+            rgb_geometry_grad=bool(self.rgb_geometry_grad),
         )
 
 
@@ -146,35 +158,27 @@ class RasterOutput(NamedTuple):
     p2f: Optional[torch.Tensor]
 
 
+# What forward keeps for backward, besides the textures (names of umr._C.forward's outputs).
+_SAVED_FOR_BACKWARD = ("image", "face_index", "softmax_sum", "softmax_max", "face_info", "face_ranges",
+                       "bin_offsets", "bin_faces")
+
+
 class _SoftRasterize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, face_vertices, textures, settings: RasterSettings):
-        C = _kernels()
-        args = settings._kernel_args()
-        (image, face_index, depth, softmax_sum, softmax_max, p2f, face_info, face_ranges, bin_offsets, bin_faces) = (
-            C.forward(face_vertices, textures, *args, settings.return_p2f, settings.p2f_align_corners, settings.binning,
-                      settings.vectorize)
-        )
-        ctx.save_for_backward(
-            textures, image, face_index, softmax_sum, softmax_max, face_info, face_ranges, bin_offsets, bin_faces
-        )
-        ctx.settings = settings
-        ctx.mark_non_differentiable(face_index, depth, p2f)
-        return image, face_index, depth, p2f
+        config = settings.kernel_config()
+        out = _kernels().forward(face_vertices=face_vertices, textures=textures, config=config)
+        ctx.save_for_backward(textures, *(out[name] for name in _SAVED_FOR_BACKWARD))
+        ctx.config = config
+        ctx.mark_non_differentiable(out["face_index"], out["depth"], out["p2f"])
+        return out["image"], out["face_index"], out["depth"], out["p2f"]
 
     @staticmethod
     def backward(ctx, grad_image, _grad_face_index, _grad_depth, _grad_p2f):
-        settings = ctx.settings
-        grad_fv, grad_tex = _kernels().backward(
-            grad_image.contiguous(),
-            *ctx.saved_tensors,
-            *settings._kernel_args(),
-            settings.p2f_align_corners,
-            settings.binning,
-            settings.vectorize,
-            settings.rgb_geometry_grad,
-        )
-        return (grad_fv if ctx.needs_input_grad[0] else None, grad_tex if ctx.needs_input_grad[1] else None, None)
+        saved = dict(zip(("textures", *_SAVED_FOR_BACKWARD), ctx.saved_tensors))
+        grads = _kernels().backward(grad_image=grad_image.contiguous(), saved=saved, config=ctx.config)
+        return (grads["grad_face_vertices"] if ctx.needs_input_grad[0] else None,
+                grads["grad_textures"] if ctx.needs_input_grad[1] else None, None)
 
 
 def _prepare_textures(face_vertices: torch.Tensor, textures: Optional[torch.Tensor], settings: RasterSettings):

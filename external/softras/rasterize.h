@@ -11,7 +11,8 @@
 namespace umr {
 
 // Everything the kernels need besides the tensors; validated by the bindings.
-struct RasterConfig {
+// Hidden visibility, as pybind11's own types: the bindings expose it as umr._C.RasterConfig.
+struct __attribute__((visibility("hidden"))) RasterConfig {
   int64_t image_size;
   double background[3];
   double near, far, eps, sigma, gamma, dist_eps;
@@ -57,8 +58,12 @@ inline int64_t num_tiles(int64_t image_size) { return (image_size + kTileSize - 
 //                  softmax_sum (B,S,S) or empty, softmax_max (B,S,S) or empty,
 //                  p2f (B,F,3) weighted sums (x, y, weight) or empty,
 //                  face_info (B,F,24), face_ranges (B,F,4) int32, bin_offsets (B*T*T+1) int64,
-//                  bin_faces int32}
-// backward returns {grad_face_vertices (B,F,3,3), grad_textures (B,F,texels,3)}
+//                  bin_faces int32}, in the order of kForwardOutputs (the names Python sees);
+// backward returns {grad_face_vertices (B,F,3,3), grad_textures (B,F,texels,3)} (kBackwardOutputs).
+inline constexpr const char* kForwardOutputs[] = {"image",       "face_index", "depth",      "softmax_sum",
+                                                  "softmax_max", "p2f",        "face_info",  "face_ranges",
+                                                  "bin_offsets", "bin_faces"};
+inline constexpr const char* kBackwardOutputs[] = {"grad_face_vertices", "grad_textures"};
 std::vector<at::Tensor> forward_cpu(const at::Tensor& face_vertices, const at::Tensor& textures,
                                     const RasterConfig& cfg);
 std::vector<at::Tensor> backward_cpu(const at::Tensor& grad_image, const at::Tensor& textures,
