@@ -34,7 +34,7 @@ from data import synth_birds
 from data.cub import CUBDataset
 from umr import renderer as R
 from umr.distributed import Context
-from umr.losses import PART_NAMES
+from umr.category import BIRDS
 from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
 from umr.trainer import Trainer, TrainSettings, _to_device
@@ -84,7 +84,7 @@ def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_heig
         objective = Stage1Objective(model, config, Discriminator(config.grl_wt, 1, img_size))
     else:
         labels = torch.randint(0, 5, (1280, 36), generator=torch.Generator().manual_seed(0))
-        parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(PART_NAMES)}
+        parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(BIRDS.part_names)}
         objective = Stage2Objective(model, config, labels, parts, Discriminator(config.grl_wt, 3, img_size))
     settings = TrainSettings(batch_size=batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
                              vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)

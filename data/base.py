@@ -18,10 +18,9 @@ import cv2
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
+from umr.category import BIRDS, CategorySpec
+
 __all__ = [
-    "KP_PERM",
-    "PART_NAMES",
-    "PART_POINTS",
     "SamplePipeline",
     "perturb_bbox",
     "square_bbox",
@@ -31,13 +30,6 @@ __all__ = [
     "barrier_distance_transform",
 ]
 
-# CUB keypoints: Back, Beak, Belly, Breast, Crown, Forehead, LEye, LLeg, LWing, Nape, REye,
-# RLeg, RWing, Tail, Throat. Mirroring swaps the left/right ones.
-KP_PERM = np.array([0, 1, 2, 3, 4, 5, 10, 11, 12, 9, 6, 7, 8, 13, 14])
-# SCOPS channels 1..4 as UMR names them (channel 0 = background).
-PART_NAMES = ("head", "neck", "back", "belly")
-# Sampled image points per part for the vertex-correspondence loss (docs/method.md §9.4).
-PART_POINTS = {"head": 10, "neck": 10, "back": 30, "belly": 30}
 
 
 def perturb_bbox(bbox: np.ndarray, pf: float, jf: float, rng: np.random.Generator) -> np.ndarray:
@@ -101,9 +93,10 @@ class Sample:
     mirrored: bool = False
 
 
-def mirror_sample(sample: Sample) -> Sample:
-    """Horizontal mirror: image columns c → W − 1 − c, keypoint left/right labels swapped,
-    sfm rotation ``D R D`` with D = diag(−1, 1, 1). Applying it twice gives the sample back."""
+def mirror_sample(sample: Sample, category: CategorySpec = BIRDS) -> Sample:
+    """Horizontal mirror: image columns c → W − 1 − c, keypoint left/right labels swapped (the
+    category's ``keypoint_mirror``), sfm rotation ``D R D`` with D = diag(−1, 1, 1). Applying it
+    twice gives the sample back."""
     width = sample.image.shape[1]
     kp = sample.kp.copy()
     kp[:, 0] = width - 1 - kp[:, 0]
@@ -111,7 +104,7 @@ def mirror_sample(sample: Sample) -> Sample:
     return Sample(
         image=sample.image[:, ::-1].copy(),
         mask=sample.mask[:, ::-1].copy(),
-        kp=kp[KP_PERM],
+        kp=kp[category.keypoint_mirror_array],
         sfm_scale=sample.sfm_scale,
         sfm_trans=np.array([width - 1 - sample.sfm_trans[0], sample.sfm_trans[1]]),
         sfm_rot=flip @ sample.sfm_rot @ flip,
@@ -162,6 +155,7 @@ class SamplePipeline:
     padding_frac: float = 0.05
     jitter_frac: float = 0.0
     mirror: bool = False
+    category: CategorySpec = BIRDS
 
     def crop_box(self, bbox0: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Square integer crop box (0-based, inclusive) for a 0-based bbox."""
@@ -203,7 +197,7 @@ class SamplePipeline:
             background = np.eye(parts.shape[-1], dtype=parts.dtype)[0]
             sample.parts = _resize(crop(parts, box, background), self.img_size) if crop_parts else parts
         if self.mirror and rng.random() > 0.5:
-            sample = mirror_sample(sample)
+            sample = mirror_sample(sample, self.category)
         return sample
 
     def normalise(self, sample: Sample):

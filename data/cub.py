@@ -26,7 +26,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import PART_NAMES, PART_POINTS, SamplePipeline, barrier_distance_transform, part_centre_and_points
+from data.base import SamplePipeline, barrier_distance_transform, part_centre_and_points
+from umr.category import BIRDS, CategorySpec
 from umr.geometry import matrix_to_quat
 
 __all__ = ["CUBDataset", "KeypointPairs", "make_loader", "DataError", "DataWarning", "read_image", "image_has_alpha"]
@@ -125,6 +126,7 @@ class CUBDataset(Dataset):
         mirror: Optional[bool] = None,
         scops_path=None,
         seed: int = 0,
+        category: CategorySpec = BIRDS,
     ):
         if split not in SPLITS:
             raise DataError(f"unknown split '{split}' (--split must be one of {SPLITS})")
@@ -152,7 +154,9 @@ class CUBDataset(Dataset):
             padding_frac=padding_frac,
             jitter_frac=jitter_frac if split == "train" else 0.0,
             mirror=(split == "train") if mirror is None else mirror,
+            category=category,
         )
+        self.category = category
 
     def __len__(self) -> int:
         return len(self.anno)
@@ -198,11 +202,11 @@ class CUBDataset(Dataset):
             if low < -1e-3 or high > 1 + 1e-3:
                 raise DataError(f"SCOPS file {path} holds values from {low:g} to {high:g}; float part maps must be "
                                 "probabilities in [0, 1] (store 0..255 maps as uint8)")
-        size = self.pipeline.img_size
-        expected = (size, size, 5) if per_crop else (image_shape[0], image_shape[1], 5)
+        size, channels = self.pipeline.img_size, len(self.category.part_labels)
+        expected = (size, size, channels) if per_crop else (image_shape[0], image_shape[1], channels)
         if prob.shape != expected:
             kind = "a per-crop map" if per_crop else "a full-image map of this photo"
-            raise DataError(f"SCOPS file {path} has shape {prob.shape}; as {kind} it must be {expected}")
+            raise DataError(f"SCOPS file {path} has shape {prob.shape}; as {kind} it must be {expected} (channels {', '.join(self.category.part_labels)})")
         return prob.astype(np.float32), per_crop
 
     def __getitem__(self, index: int) -> dict:
@@ -245,8 +249,9 @@ class CUBDataset(Dataset):
         }
         if sample.parts is not None:
             item["part_prob"] = np.ascontiguousarray(sample.parts.transpose(2, 0, 1), dtype=np.float32)
-            for channel, name in enumerate(PART_NAMES, start=1):
-                centre, points = part_centre_and_points(sample.parts[..., channel], sample.mask, PART_POINTS[name], rng)
+            for channel, name in enumerate(self.category.part_names, start=1):
+                centre, points = part_centre_and_points(sample.parts[..., channel], sample.mask,
+                                                        self.category.part_points[name], rng)
                 item[f"{name}_center"] = centre.astype(np.float32)
                 item[f"{name}_points"] = points.astype(np.float32)
         return item

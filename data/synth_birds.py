@@ -46,15 +46,11 @@ import torch
 from PIL import Image
 
 from umr import mesh as M
+from umr.category import BIRDS
 from umr.evaluation import point_visibility, sample_surface
 from umr.geometry import matrix_to_quat
 from umr.renderer import SoftRenderer
 
-KEYPOINT_NAMES = (
-    "Back", "Beak", "Belly", "Breast", "Crown", "Forehead", "LEye", "LLeg", "LWing", "Nape", "REye", "RLeg",
-    "RWing", "Tail", "Throat",
-)
-PART_LABELS = ("background", "head", "neck", "back", "belly")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 NUM_SPECIES = 12
 # X_canonical = SFM_TO_CANONICAL @ X_sfm: the sfm frame's x axis (its symmetry axis, as in
@@ -147,7 +143,9 @@ def bird_shape(rng: np.random.Generator) -> dict:
     return {"body": body, "head": head, "beak": beak, "tail": tail, **wings}
 
 
-KEYPOINT_ANCHORS = (  # (primitive, local direction), CUB order
+PART = {name: label for label, name in enumerate(BIRDS.part_labels)}  # part name -> SCOPS channel
+CHANNELS = len(PART)  # of a part map: the background and the parts
+KEYPOINT_ANCHORS = (  # (primitive, local direction), in BIRDS.keypoint_names' order
     ("body", (-0.35, 0, 1)), ("beak", (1, 0, 0)), ("body", (-0.1, 0, -1)), ("body", (0.75, 0, -0.45)),
     ("head", (0, 0, 1)), ("head", (0.7, 0, 0.7)), ("head", (0.55, 0.72, 0.35)), ("body", (0.05, 0.35, -1)),
     ("wing_l", (0, 1, 0.3)), ("head", (-0.75, 0, 0.55)), ("head", (0.55, -0.72, 0.35)), ("body", (0.05, -0.35, -1)),
@@ -178,7 +176,7 @@ def build_bird(rng: np.random.Generator, palette: dict, light: np.ndarray):
     jitter = rng.uniform(0.9, 1.1)
     noise_freq = rng.uniform(4, 9, size=(3, 3))
     noise_phase = rng.uniform(0, 2 * math.pi, size=3)
-    eyes = [prims["head"].point(KEYPOINT_ANCHORS[i][1]) for i in (6, 10)]
+    eyes = [prims["head"].point(KEYPOINT_ANCHORS[i][1]) for i in map(BIRDS.keypoint_names.index, ("LEye", "REye"))]
     for name, level in PRIMITIVE_LEVELS.items():
         e = prims[name]
         unit, tri = _unit_sphere(level)
@@ -190,22 +188,22 @@ def build_bird(rng: np.random.Generator, palette: dict, light: np.ndarray):
             col = np.stack([palette[r] for r in region])
             speckle = sum(np.sin(pts @ noise_freq[k] + noise_phase[k]) for k in range(3)) / 3
             col = col * (0.85 + 0.15 * np.sign(speckle)[:, None])
-            label = np.select([region == "neck", region == "back"], [2, 3], 4)
+            label = np.select([region == "neck", region == "back"], [PART["neck"], PART["back"]], PART["belly"])
         elif name == "head":
             col = np.tile(palette["head"], (len(pts), 1))
             if palette["eye_stripe"]:
                 col[(np.abs(unit[:, 2] - 0.35) < 0.12) & (unit[:, 0] > 0)] *= 0.35
             for eye in eyes:
                 col[np.linalg.norm(pts - eye, axis=1) < 0.07] = 0.05
-            label = np.ones(len(pts), dtype=int)
+            label = np.full(len(pts), PART["head"])
         elif name == "beak":
-            col, label = np.tile(palette["beak"], (len(pts), 1)), np.ones(len(pts), dtype=int)
+            col, label = np.tile(palette["beak"], (len(pts), 1)), np.full(len(pts), PART["head"])
         elif name == "tail":
-            col, label = np.tile(palette["tail"], (len(pts), 1)), np.full(len(pts), 3)
+            col, label = np.tile(palette["tail"], (len(pts), 1)), np.full(len(pts), PART["back"])
         else:  # wings: stripes along the wing
             col = np.tile(palette["wing"], (len(pts), 1))
             col = col * (0.72 + 0.28 * (np.sin(palette["stripes"] * math.pi * unit[:, 0]) > 0))[:, None]
-            label = np.full(len(pts), 3)
+            label = np.full(len(pts), PART["back"])
         shade = 0.45 + 0.55 * np.clip(normals @ light, 0, None)
         verts.append(pts)
         faces.append(tri + offset)
@@ -301,15 +299,15 @@ def make_background(rng: np.random.Generator, height: int, width: int) -> np.nda
 
 
 def perturb_parts(rng: np.random.Generator, parts: np.ndarray) -> np.ndarray:
-    """Make a true (L, L, 5) part map as imperfect as SCOPS: blurred, shifted, noisy."""
+    """Make a true (L, L, C) part map as imperfect as SCOPS: blurred, shifted, noisy."""
     size = parts.shape[0]
     out = np.empty_like(parts)
-    for ch in range(5):
+    for ch in range(CHANNELS):
         shift = rng.normal(0, 1.5, 2) * size / 128 if ch > 0 else np.zeros(2)
         moved = cv2.warpAffine(parts[..., ch], np.float32([[1, 0, shift[0]], [0, 1, shift[1]]]), (size, size),
                                borderMode=cv2.BORDER_CONSTANT, borderValue=1.0 if ch == 0 else 0.0)
         out[..., ch] = cv2.GaussianBlur(moved, (0, 0), rng.uniform(1.0, 2.5) * size / 128)
-    out *= np.exp(0.6 * (_smooth_noise(rng, size, size, 5, channels=5) - 0.5))
+    out *= np.exp(0.6 * (_smooth_noise(rng, size, size, 5, channels=CHANNELS) - 0.5))
     return out / np.maximum(out.sum(-1, keepdims=True), 1e-6)
 
 
@@ -351,8 +349,8 @@ def generate_one(task: tuple) -> dict:
     rgba = out.image[0].permute(1, 2, 0).numpy()
     face_index = out.face_index[0].numpy()
     labels = np.where(face_index >= 0, face_parts[np.maximum(face_index, 0)], 0)
-    onehot = (labels[..., None] == np.arange(5)).astype(np.float32)
-    window_parts = onehot.reshape(window, 2, window, 2, 5).mean((1, 3))
+    onehot = (labels[..., None] == np.arange(CHANNELS)).astype(np.float32)
+    window_parts = onehot.reshape(window, 2, window, 2, CHANNELS).mean((1, 3))
 
     photo = make_background(rng, height, width)
     region = photo[oy : oy + window, ox : ox + window]
@@ -385,7 +383,7 @@ def generate_one(task: tuple) -> dict:
     scops = perturb_parts(rng, window_parts)
     scops_dir = Path(out_dir) / "scops" / class_dir
     scops_dir.mkdir(parents=True, exist_ok=True)
-    full = np.zeros((height, width, 5), dtype=np.float32)
+    full = np.zeros((height, width, CHANNELS), dtype=np.float32)
     full[..., 0] = 1
     full[oy : oy + window, ox : ox + window] = scops
     ys, xs = np.nonzero(mask)
@@ -398,7 +396,7 @@ def generate_one(task: tuple) -> dict:
         box = SamplePipeline(img_size=crop_size).crop_box(np.array(bbox, dtype=np.float64) - 1, np.random.default_rng(0))
         from data.base import crop as crop_box
 
-        crop = cv2.resize(crop_box(full, box, np.eye(5, dtype=np.float32)[0]), (crop_size, crop_size), interpolation=cv2.INTER_LINEAR)
+        crop = cv2.resize(crop_box(full, box, np.eye(CHANNELS, dtype=np.float32)[0]), (crop_size, crop_size), interpolation=cv2.INTER_LINEAR)
         np.save(scops_dir / f"{stem}_{mat_index}.npy", crop.astype(np.float32))
 
     sfm_rot = rot @ SFM_TO_CANONICAL
@@ -433,7 +431,7 @@ def write_split(out_dir: Path, split: str, records: list) -> None:
         sfm[i] = (float(r["sfm_scale"]), r["sfm_trans"], r["sfm_rot"])
     scipy.io.savemat(cache / "data" / f"{split}_cub_cleaned.mat", {"images": images}, do_compression=True)
     anno = {"sfm_anno": sfm}
-    kp_sfm = np.stack([r["kp3d"] for r in records]) @ SFM_TO_CANONICAL if records else np.zeros((0, 15, 3))
+    kp_sfm = np.stack([r["kp3d"] for r in records]) @ SFM_TO_CANONICAL if records else np.zeros((0, BIRDS.num_keypoints, 3))
     if split == "train" and records:
         anno["S"] = kp_sfm.mean(0).T  # 3 x 15 mean 3-D keypoints (in the sfm frame)
     scipy.io.savemat(cache / "sfm" / f"anno_{split}.mat", anno, do_compression=True)
@@ -442,13 +440,13 @@ def write_split(out_dir: Path, split: str, records: list) -> None:
         verts=np.stack([r["verts"] for r in records]) if records else np.zeros((0, 0, 3), np.float32),
         faces=records[0]["faces"] if records else np.zeros((0, 3), np.int64),
         face_parts=records[0]["face_parts"] if records else np.zeros(0, np.int64),
-        kp3d=np.stack([r["kp3d"] for r in records]) if records else np.zeros((0, 15, 3)),
+        kp3d=np.stack([r["kp3d"] for r in records]) if records else np.zeros((0, BIRDS.num_keypoints, 3)),
         kp3d_sfm=kp_sfm,
         cam_rot=np.stack([r["cam_rot"] for r in records]) if records else np.zeros((0, 3, 3)),
         surface_points=np.stack([r["surface_points"] for r in records]) if records else np.zeros((0, 2048, 3), np.float32),
         sfm_to_canonical=SFM_TO_CANONICAL,
-        part_labels=np.array(PART_LABELS),
-        keypoint_names=np.array(KEYPOINT_NAMES),
+        part_labels=np.array(BIRDS.part_labels),
+        keypoint_names=np.array(BIRDS.keypoint_names),
     )
 
 
@@ -528,14 +526,14 @@ def truth_template(gt_path, out_dir, num_birds: int = 100, smoothing: int = 10, 
     half = template[: mesh.num_output].copy()
     half[: mesh.num_indept, mesh.axis] = 0
     votes = np.stack(votes)
-    labels = np.array([np.bincount(column, minlength=5).argmax() for column in votes.T])
+    labels = np.array([np.bincount(column, minlength=BIRDS.num_parts + 1).argmax() for column in votes.T])
     right = slice(mesh.num_indept, mesh.num_output)
     labels[mesh.num_output :] = labels[right]  # exactly symmetric: left vertices copy their right twins
     out_dir = Path(out_dir)
     (out_dir / "vertices_idx").mkdir(parents=True, exist_ok=True)
     torch.save(torch.from_numpy(half).float(), out_dir / "mean_v.pth")
     counts = {}
-    for k, part in enumerate(PART_LABELS[1:], start=1):
+    for k, part in enumerate(BIRDS.part_names, start=1):
         np.save(out_dir / "vertices_idx" / f"{part}_vertices.npy", np.flatnonzero(labels == k).astype(np.int64))
         counts[part] = int((labels == k).sum())
     height, width = uv_size
@@ -554,9 +552,7 @@ def draw_preview(out_dir, path, count: int = 12, img_size: int = 160) -> None:
 
     dataset = CUBDataset(Path(out_dir) / "CUB_200_2011", Path(out_dir) / "cachedir" / "cub", split="train",
                          img_size=img_size, mirror=False, jitter_frac=0.0, scops_path=Path(out_dir) / "scops")
-    from umr.visuals import PART_COLOURS
-
-    part_colours = PART_COLOURS.astype(np.float32)
+    part_colours = BIRDS.part_colour_array.astype(np.float32)
     tiles = []
     for i in range(min(count, len(dataset))):
         item = dataset[i]

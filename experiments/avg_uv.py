@@ -43,14 +43,14 @@ from experiments import flags as umr_flags
 from experiments.common import (build_dataset, check_sizes, check_writable, load_trained_model, resolve_checkpoint,
                                 user_errors_exit)
 from umr import distributed as D
-from umr.losses import PART_NAMES, check_part_vertices, make_texture_distance
+from umr.losses import check_part_vertices, make_texture_distance
 from umr.mesh import uv_image_size
 from umr.obj_io import save_obj
 from umr.quirks import Quirks
 from umr.evaluation import oracle_texture_flow
 from umr.geometry import sample_textures
 from umr.renderer import SoftRenderer, face_pixel_centers
-from umr.visuals import PART_COLOURS, template_views
+from umr.visuals import template_views
 
 umr_flags.define_test_flags()
 umr_flags.define_min_part_share()
@@ -241,12 +241,13 @@ def main(_):
     Image.fromarray(prob.argmax(0).numpy().astype(np.uint8)).save(out_dir / "semantic_seg.png")
     per_sample, face_labels, vertex_labels = labels_from_uv(prob, model)
     verts = template.cpu()
-    tex = PART_COLOURS[per_sample].reshape(len(face_labels), FLAGS.tex_size, FLAGS.tex_size, 3)
+    category = dataset.category
+    tex = category.part_colour_array[per_sample].reshape(len(face_labels), FLAGS.tex_size, FLAGS.tex_size, 3)
     save_obj(out_dir / "mean_template.obj", verts, model.mesh.faces, face_textures=tex)
-    save_obj(out_dir / "vertex_label.obj", verts, model.mesh.faces, vertex_colors=PART_COLOURS[vertex_labels])
+    save_obj(out_dir / "vertex_label.obj", verts, model.mesh.faces, vertex_colors=category.part_colour_array[vertex_labels])
     views = SoftRenderer(4 * FLAGS.img_size, background_color=(1.0, 1.0, 1.0), facing_normals=True)
-    Image.fromarray(template_views(verts, model.faces.cpu(), face_labels, views)).save(out_dir / "template.png")
-    parts = {p: np.flatnonzero(vertex_labels == i) for i, p in enumerate(PART_NAMES, start=1)}
+    Image.fromarray(template_views(verts, model.faces.cpu(), face_labels, views, category=category)).save(out_dir / "template.png")
+    parts = {p: np.flatnonzero(vertex_labels == i) for i, p in enumerate(category.part_names, start=1)}
     # a template the semantic losses cannot use is refused before stage 2 could read it
     counts = check_part_vertices(parts, len(vertex_labels), FLAGS.min_part_share,
                                  f"of {out_dir} (its pictures and semantic_prob.npy are there to look at)")

@@ -35,8 +35,6 @@ flags.DEFINE_integer("pair_seed", None, "Seed of the pair draw (default: the dat
 flags.DEFINE_float("sigma", 3.0, "Heat-map sigma (pixels) of the flow mode.")
 flags.DEFINE_boolean("visualize", False, "Write source/target/prediction images.")
 FLAGS = F.FLAGS
-KEYPOINTS = ("Back", "Beak", "Belly", "Breast", "Crown", "Forehead", "LEye", "LLeg", "LWing", "Nape", "REye", "RLeg",
-             "RWing", "Tail", "Throat")
 
 
 def draw(image, kps, colour):
@@ -55,7 +53,8 @@ def main(_):
     predict = Predictor(FLAGS, ctx.device, FLAGS.split, checkpoint)
     loader = make_loader(pairs, max(1, FLAGS.batch_size // 2), shuffle=False, drop_last=False,
                          num_workers=FLAGS.n_data_workers)
-    pck = PCKAccumulator(padding_frac=FLAGS.padding_frac)
+    keypoint_names = dataset.category.keypoint_names
+    pck = PCKAccumulator(len(keypoint_names), padding_frac=FLAGS.padding_frac)
     vis_dir = Path(FLAGS.results_vis_dir) / FLAGS.name
     evaluated = 0
     for i, batch in enumerate(tqdm(loader, desc=f"test_kp ({FLAGS.mode})")):
@@ -82,12 +81,12 @@ def main(_):
                     cv2.imwrite(str(vis_dir / f"pair_{i * n + j:05d}.png"), np.concatenate([source, target], 1)[..., ::-1])
     results = pck.result()
     results.update(mode=FLAGS.mode, number_pairs=evaluated, number_pairs_requested=len(pairs), pair_seed=FLAGS.pair_seed,
-                   split=FLAGS.split, split_images=len(dataset), keypoints=list(KEYPOINTS))
+                   split=FLAGS.split, split_images=len(dataset), keypoints=list(keypoint_names))
     per_kp = results["per_keypoint"]["0.1"]
     write_results(FLAGS, f"test_kp_{FLAGS.mode}", results,
                   f"test_kp ({FLAGS.mode}): PCK.1 {results['PCK.1']:.4f}  PCK.15 {results['PCK.15']:.4f} over {evaluated} "
                   f"pairs{'' if evaluated == len(pairs) else f' (of {len(pairs)}: --max_eval_iter)'}\n  "
-                  + "  ".join(f"{name} {v:.2f}" if v is not None else f"{name} -" for name, v in zip(KEYPOINTS, per_kp)))
+                  + "  ".join(f"{name} {v:.2f}" if v is not None else f"{name} -" for name, v in zip(keypoint_names, per_kp)))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ FLAGS = F.FLAGS
 @user_errors_exit
 def main(_):
     check_sizes(FLAGS)
-    template = SemanticTemplate(FLAGS.stemp_path)
     ctx = D.setup(FLAGS.device)
     seed_everything(FLAGS.seed)
     dataset = build_dataset(FLAGS, FLAGS.split, use_scops=True)
+    template = SemanticTemplate(FLAGS.stemp_path, dataset.category)
     model = build_model(FLAGS, stage=2, mean_shape=template.mean_v)
     check_part_vertices(template.vertices, len(model.mesh.verts), FLAGS.min_part_share, FLAGS.stemp_path)
     if FLAGS.init_from and not FLAGS.resume:
@@ -40,7 +40,7 @@ def main(_):
                                 Quirks.from_flags(FLAGS).q10_rounded_labels)
     config = ObjectiveConfig.from_flags(FLAGS, stage=2)
     disc = Discriminator(config.grl_wt, 3, config.image_size) if config.use_gan else None
-    objective = Stage2Objective(model, config, labels, template.vertices, disc)
+    objective = Stage2Objective(model, config, labels, template.vertices, disc, dataset.category)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()},
                       validate=build_validator(FLAGS, ctx.device))

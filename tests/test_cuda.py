@@ -11,6 +11,7 @@ import torch
 
 from conftest import cuda_ready
 from test_rasterizer import UMR, random_faces, random_textures
+from umr.category import BIRDS
 from umr.renderer import RasterSettings, soft_rasterize
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not cuda_ready(), reason="no CUDA device or CUDA kernel")]
@@ -83,10 +84,10 @@ def test_a_stage2_training_step_on_cuda_matches_the_cpu():
             "part_prob": torch.rand(batch, 5, size, size, generator=g),
             "eps_z": torch.randn(batch, 350, generator=g), "u_cam": torch.rand(batch, generator=g),
             "gan_angle": torch.randint(0, 180, (batch,), generator=g).float(),
-            **{f"{p}_points": torch.rand(batch, 10, 2, generator=g) - 0.5 for p in L.PART_NAMES}}
+            **{f"{p}_points": torch.rand(batch, 10, 2, generator=g) - 0.5 for p in BIRDS.part_names}}
     data["mask"][:, 16:48, 10:54] = 1
     labels = torch.randint(0, 5, (1280, 36), generator=g)
-    parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(L.PART_NAMES)}
+    parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
     totals, grads = [], []
     for device in (torch.device("cpu"), CUDA):
         model.load_state_dict(state)

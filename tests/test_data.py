@@ -7,8 +7,9 @@ import scipy.io
 import torch
 
 from data import synth_birds
-from data.base import KP_PERM, Sample, barrier_distance_transform, mirror_sample
+from data.base import Sample, barrier_distance_transform, mirror_sample
 from data.cub import CUBDataset, DataError, KeypointPairs, make_loader
+from umr.category import BIRDS, CategorySpec
 from umr.geometry import quat_to_matrix
 
 COUNTS = dict(num_train=6, num_val=2, num_test=3)
@@ -48,6 +49,35 @@ def test_item_shapes_ranges_and_dtypes(synth):
     assert batch["img"].shape == (3, 3, 64, 64) and batch["img"].dtype == torch.float32
 
 
+def test_category_spec_refuses_inconsistent_data():
+    good = dict(name="toy", keypoint_names=("L", "R", "C"), keypoint_mirror=(1, 0, 2), part_names=("a", "b"),
+                part_colours=((0, 0, 0), (1, 0, 0), (0, 1, 0)), part_points={"a": 3, "b": 4})
+    toy = CategorySpec(**good)
+    assert toy.num_keypoints == 3 and toy.num_parts == 2 and toy.part_labels == ("background", "a", "b")
+    assert toy.part_weight_vector() == (0.0, 0.0, 0.0)
+    bad = [({"keypoint_mirror": (1, 2, 0)}, "own inverse"), ({"keypoint_mirror": (0, 0, 2)}, "permutation"),
+           ({"keypoint_mirror": (1, 0)}, "permutation"), ({"part_colours": ((0, 0, 0), (1, 0, 0))}, "3 RGB triples"),
+           ({"part_colours": ((0, 0), (1, 0, 0), (0, 1, 0))}, "3 RGB triples"),
+           ({"part_points": {"a": 3}}, "part_points"), ({"part_loss_weights": {"c": 1.0}}, "unknown part"),
+           ({"vertex_loss_weights": {"c": 1.0}}, "unknown part")]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            CategorySpec(**{**good, **change})
+
+
+def test_birds_category_matches_the_synthetic_generator(synth):
+    # the mirror swaps exactly the L*/R* keypoints, and the generator writes the category's names
+    for k, name in enumerate(BIRDS.keypoint_names):
+        twin = BIRDS.keypoint_names[BIRDS.keypoint_mirror[k]]
+        swapped = {"L": "R", "R": "L"}.get(name[0], "") + name[1:] if name[0] in "LR" and name[1].isupper() else name
+        assert twin == swapped, (name, twin)
+    assert len(synth_birds.KEYPOINT_ANCHORS) == BIRDS.num_keypoints
+    gt = np.load(synth / "gt" / "train.npz")
+    assert tuple(gt["keypoint_names"]) == BIRDS.keypoint_names and tuple(gt["part_labels"]) == BIRDS.part_labels
+    assert set(np.unique(gt["face_parts"])) == set(range(1, BIRDS.num_parts + 1))
+    assert len(BIRDS.part_colours) == BIRDS.num_parts + 1
+
+
 def test_mirroring_twice_is_identity():
     rng = np.random.default_rng(0)
     kp = np.concatenate([rng.uniform(0, 31, (15, 2)), rng.integers(0, 2, (15, 1))], axis=1)
@@ -55,7 +85,7 @@ def test_mirroring_twice_is_identity():
                     np.linalg.qr(rng.normal(size=(3, 3)))[0], rng.random((32, 32, 5)))
     once = mirror_sample(sample)
     assert once.mirrored and np.array_equal(once.image, sample.image[:, ::-1])
-    np.testing.assert_array_equal(once.kp[:, 0], 31 - sample.kp[KP_PERM, 0])
+    np.testing.assert_array_equal(once.kp[:, 0], 31 - sample.kp[BIRDS.keypoint_mirror_array, 0])
     twice = mirror_sample(once)
     assert not twice.mirrored
     for field in ("image", "mask", "kp", "sfm_trans", "sfm_rot", "parts"):
@@ -75,7 +105,7 @@ def test_sfm_pose_projects_true_keypoints_onto_loaded_keypoints(synth, split, mi
             item = ds[index]
             kp3d = gt["kp3d_sfm"][index]
             if item["mirrored"]:
-                kp3d = (kp3d * [-1, 1, 1])[KP_PERM]  # the mirrored bird's keypoints
+                kp3d = (kp3d * [-1, 1, 1])[BIRDS.keypoint_mirror_array]  # the mirrored bird's keypoints
             seen_mirrored.add(item["mirrored"])
             scale, trans, quat = item["sfm_pose"][0], item["sfm_pose"][1:3], item["sfm_pose"][3:]
             rot = quat_to_matrix(torch.from_numpy(quat).double()).numpy()
@@ -259,7 +289,7 @@ def test_truth_template_is_what_a_good_semantic_template_looks_like(synth, tmp_p
     check accepts it and refuses the same template without a head; avg_uv's labelling of its UV
     label image gives back (nearly) the same vertex labels."""
     from experiments.avg_uv import labels_from_uv
-    from umr.losses import PART_NAMES, SemanticTemplate, SemanticTemplateError, check_part_vertices
+    from umr.losses import SemanticTemplate, SemanticTemplateError, check_part_vertices
     from umr.nets import MeshNet
 
     counts = synth_birds.truth_template(synth / "gt" / "train.npz", tmp_path, smoothing=10)
@@ -279,7 +309,7 @@ def test_truth_template_is_what_a_good_semantic_template_looks_like(synth, tmp_p
     prob = torch.nn.functional.one_hot(torch.from_numpy(np.array(template.seg)).long(), 5).permute(2, 0, 1).float()
     _, _, vertex_labels = labels_from_uv(prob, model)
     truth = np.zeros(642, dtype=np.int64)
-    for k, part in enumerate(PART_NAMES, start=1):
+    for k, part in enumerate(BIRDS.part_names, start=1):
         truth[template.vertices[part].numpy()] = k
     assert (vertex_labels == truth).mean() > 0.9
 
@@ -289,7 +319,7 @@ def test_avg_uv_render_source_reads_each_face_its_own_part(synth, tmp_path):
     side view, read back through the same mesh and camera, give every visible face (or its
     mirror twin) its own part, and most of the half template is seen."""
     from experiments.avg_uv import sample_part_maps
-    from umr.losses import PART_NAMES, SemanticTemplate
+    from umr.losses import SemanticTemplate
     from umr.nets import MeshNet, camera_biases
     from umr.renderer import SoftRenderer
 
@@ -298,7 +328,7 @@ def test_avg_uv_render_source_reads_each_face_its_own_part(synth, tmp_path):
     model = MeshNet(stage=1, img_size=64, pretrained_encoder=False, mean_shape=template.mean_v)
     verts, faces, mesh = model.get_mean_shape().detach()[None], model.faces, model.mesh
     vertex_labels = torch.zeros(len(verts[0]), dtype=torch.long)
-    for k, part in enumerate(PART_NAMES, start=1):
+    for k, part in enumerate(BIRDS.part_names, start=1):
         vertex_labels[template.vertices[part]] = k
     face_labels = torch.mode(vertex_labels[faces], dim=1).values  # (F,)
     cam = torch.cat([torch.tensor([0.8, 0.0, 0.0]), camera_biases(1)[0]])[None]

@@ -247,4 +247,4 @@ def test_reconstruction_rows_and_template_views():
     drawn = (belly != 255).any(-1)
     assert drawn.mean() > 0.2  # every view shows the mesh
     r, g, b = (belly[..., k][drawn] for k in range(3))
-    assert ((g > r) & (g > b)).mean() > 0.9  # belly green (PART_COLOURS[4])
+    assert ((g > r) & (g > b)).mean() > 0.9  # belly green (BIRDS.part_colours[4])

@@ -10,6 +10,7 @@ from torch.utils.data import default_collate
 from data import synth_birds
 from data.cub import CUBDataset
 from umr import losses as L
+from umr.category import BIRDS, CategorySpec
 from umr.geometry import rotate_cam
 from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
@@ -112,7 +113,7 @@ def test_texture_dt_loss(birds, device):
 
 
 def part_vertices_of(face_parts, faces):
-    return {name: torch.unique(faces[face_parts == label].flatten()) for label, name in enumerate(L.PART_NAMES, start=1)}
+    return {name: torch.unique(faces[face_parts == label].flatten()) for label, name in enumerate(BIRDS.part_names, start=1)}
 
 
 def test_part_matching_prefers_the_true_pose(birds, device):
@@ -126,6 +127,29 @@ def test_part_matching_prefers_the_true_pose(birds, device):
         assert loss(birds["verts"], birds["faces"], turned(birds["cams"], degrees), maps) > true
 
 
+@pytest.mark.parametrize("num_parts", [1, 4, 5, 7])
+def test_part_maps_equal_one_grey_render_per_part(birds, num_parts):
+    # the part renders are packed three parts to a render; each channel must equal the render
+    # of that part alone, whatever the number of parts of the category
+    names = tuple(f"part{i}" for i in range(num_parts))
+    category = CategorySpec("toy", ("a",), (0,), names, ((0.5, 0.5, 0.5),) * (num_parts + 1),
+                            {p: 2 for p in names}, {names[-1]: 2.0})
+    g = torch.Generator().manual_seed(num_parts)
+    faces = birds["faces"]
+    labels = torch.randint(0, num_parts + 1, (len(faces), 36), generator=g)
+    renderer = SoftRenderer(SIZE).ambient_light_only()
+    loss = L.PartMatchingLoss(labels, renderer, category)
+    assert loss.part_weights.tolist() == [0.0] * num_parts + [2.0]
+    maps = loss.render_parts(birds["verts"], faces, birds["cams"])
+    assert maps.shape == (3, num_parts, SIZE, SIZE)
+    for part in range(1, num_parts + 1):
+        grey = (labels == part).float()[None, :, :, None].expand(3, -1, -1, 3)
+        alone = renderer(birds["verts"], faces, birds["cams"], grey).image[:, 0]
+        torch.testing.assert_close(maps[:, part - 1], alone, rtol=0, atol=1e-6)
+    part_maps = torch.rand(3, num_parts + 1, SIZE, SIZE, generator=g)
+    assert torch.isfinite(loss(birds["verts"], faces, birds["cams"], part_maps))
+
+
 def test_vertex_correspondence_prefers_the_true_pose(birds, device):
     birds = to_device(birds, device)
     batch = birds["batch"]
@@ -134,7 +158,7 @@ def test_vertex_correspondence_prefers_the_true_pose(birds, device):
     for b in range(3):
         # turned in the image plane: the parts land elsewhere
         hyps = torch.stack([birds["cams"][b : b + 1], turned(birds["cams"][b : b + 1], 60, (0.0, 0.0, 1.0))], dim=1)
-        points = {p: batch[f"{p}_points"][b : b + 1] for p in L.PART_NAMES}
+        points = {p: batch[f"{p}_points"][b : b + 1] for p in BIRDS.part_names}
         true = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, one, points)
         wrong = L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, other, points)
         assert true < wrong
@@ -153,7 +177,7 @@ def test_vertex_correspondence_chooses_the_semantically_right_hypothesis(birds, 
         # the true camera and the same camera turned by 180 degrees: the same silhouette from the
         # other side of the symmetric bird, the head at the other end
         hyps = torch.stack([birds["cams"][b : b + 1], turned(birds["cams"][b : b + 1], 180)], dim=1).requires_grad_()
-        points = {p: batch[f"{p}_points"][b : b + 1] for p in L.PART_NAMES}
+        points = {p: batch[f"{p}_points"][b : b + 1] for p in BIRDS.part_names}
         logits = torch.zeros(1, 2, device=device, requires_grad=True)
         L.vertex_correspondence_loss(birds["verts"][b], parts, hyps, logits.softmax(1), points).backward()
         assert logits.grad[0, 0] < 0 < logits.grad[0, 1]  # descent raises the true camera's probability
@@ -243,14 +267,14 @@ def texture_term_grads(stage, quirks, device):
         objective = Stage1Objective(model, config)
     else:
         labels = torch.randint(0, 5, (1280, 36))
-        parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(L.PART_NAMES)}
+        parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
         objective = Stage2Objective(model, config, labels.to(device), to_device(parts, device))
     batch = {
         "img": torch.rand(2, 3, SIZE, SIZE),
         "mask": torch.zeros(2, SIZE, SIZE),
         "mask_dt": torch.rand(2, SIZE, SIZE),
         "part_prob": torch.rand(2, 5, SIZE, SIZE),
-        **{f"{p}_points": torch.rand(2, 10, 2) - 0.5 for p in L.PART_NAMES},
+        **{f"{p}_points": torch.rand(2, 10, 2) - 0.5 for p in BIRDS.part_names},
     }
     batch["mask"][:, 16:48, 10:54] = 1
     batch = to_device(batch, device)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from umr import losses as L
+from umr.category import BIRDS
 from umr.geometry import quat_to_matrix
 from umr.nets import MeshNet
 from umr.objectives import ObjectiveConfig, Stage2Objective
@@ -91,11 +92,11 @@ def test_detached_probs_stops_the_vertex_loss_training_the_probabilities():
         torch.manual_seed(0)
         model = MeshNet(stage=2, img_size=size, pretrained_encoder=False)
         config = ObjectiveConfig.for_stage(2, image_size=size, texture_loss="l1", use_gan=False, quirks=quirks)
-        parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(L.PART_NAMES)}
+        parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
         objective = Stage2Objective(model, config, torch.randint(0, 5, (1280, 36)), parts)
         batch = {"img": torch.rand(2, 3, size, size), "mask": torch.zeros(2, size, size),
                  "mask_dt": torch.rand(2, size, size), "part_prob": torch.rand(2, 5, size, size),
-                 **{f"{p}_points": torch.rand(2, 10, 2) - 0.5 for p in L.PART_NAMES}}
+                 **{f"{p}_points": torch.rand(2, 10, 2) - 0.5 for p in BIRDS.part_names}}
         batch["mask"][:, 16:48, 10:54] = 1
         _, terms = objective(model(batch["img"]), batch, 0, model.get_mean_shape())
         terms["vertex"].backward()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from umr.category import BIRDS
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
 from umr.losses import soft_iou
 from umr.renderer import DEPTH_OFFSET, face_pixel_centers
@@ -139,7 +140,7 @@ class PCKAccumulator:
     error (normalised units) is scaled by ``(1 + 2·padding_frac)/2`` to a fraction of the tight
     bounding box's longer side (docs/method.md §14.1)."""
 
-    def __init__(self, num_kps: int = 15, alphas=(0.1, 0.15), padding_frac: float = 0.05):
+    def __init__(self, num_kps: int = BIRDS.num_keypoints, alphas=(0.1, 0.15), padding_frac: float = 0.05):
         self.alphas = alphas
         self.scale = (1 + 2 * padding_frac) / 2
         self.hits = np.zeros((len(alphas), num_kps))

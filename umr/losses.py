@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from umr.category import BIRDS, CategorySpec
 from umr.geometry import sample_textures
 from umr.quirks import Quirks
 from umr.renderer import SoftRenderer, face_pixel_centers, project_points
@@ -202,9 +203,6 @@ def gan_loss(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor) -
 # Semantic consistency (docs/method.md §8.8, 8.9)
 
 
-PART_NAMES = ("head", "neck", "back", "belly")
-
-
 class SemanticTemplateError(ValueError):
     """A semantic template that cannot carry the semantic losses (a part empty or too small)."""
 
@@ -230,53 +228,63 @@ def check_part_vertices(part_vertices: dict, num_vertices: int, min_share: float
 class SemanticTemplate:
     """The files ``avg_uv`` writes and stage 2 reads from ``--stemp_path`` (docs/method.md §11):
     ``mean_v.pth`` (half template, 337 x 3), ``semantic_seg.png`` (UV label image 128 x 256,
-    labels 0..4) and ``vertices_idx/<part>_vertices.npy`` (vertex indices per part)."""
+    labels 0..P, background 0) and ``vertices_idx/<part>_vertices.npy`` (vertex indices per part of
+    ``category``)."""
 
-    def __init__(self, stemp_path):
+    def __init__(self, stemp_path, category: CategorySpec = BIRDS):
         from PIL import Image
 
         root = Path(stemp_path)
         if not root.is_dir():
             raise FileNotFoundError(f"semantic template directory not found: {root} (set --stemp_path to the output of avg_uv)")
         files = {"mean_v.pth": root / "mean_v.pth", "semantic_seg.png": root / "semantic_seg.png"}
-        files.update({f"vertices_idx/{p}_vertices.npy": root / "vertices_idx" / f"{p}_vertices.npy" for p in PART_NAMES})
+        files.update({f"vertices_idx/{p}_vertices.npy": root / "vertices_idx" / f"{p}_vertices.npy" for p in category.part_names})
         missing = [name for name, path in files.items() if not path.is_file()]
         if missing:
             raise FileNotFoundError(f"semantic template {root} lacks {missing} (set --stemp_path to the output of avg_uv)")
         self.mean_v = torch.load(files["mean_v.pth"], map_location="cpu", weights_only=True)
         self.seg = np.asarray(Image.open(files["semantic_seg.png"]).convert("L"))
-        self.vertices = {p: torch.from_numpy(np.load(files[f"vertices_idx/{p}_vertices.npy"]).astype(np.int64)) for p in PART_NAMES}
+        self.vertices = {p: torch.from_numpy(np.load(files[f"vertices_idx/{p}_vertices.npy"]).astype(np.int64))
+                         for p in category.part_names}
 
 
 class PartMatchingLoss(nn.Module):
     """Part (probability-based semantic) loss of stage 2 (docs/method.md §8.8).
 
     Renders the mesh with the semantic template's part textures, and compares the soft part maps
-    with the SCOPS maps: per-channel max-normalised squared difference on head and belly
-    (weights 0, 5, 0, 0, 5) plus the squared distance of the part centres, ``(L_pix + L_ctr) / 4``.
+    with the SCOPS maps: per-channel max-normalised squared difference weighted by the category's
+    ``part_loss_weights`` (birds: 0, 5, 0, 0, 5) plus the squared distance of the part centres,
+    ``(L_pix + L_ctr) / 4``.
     """
 
-    def __init__(self, face_labels: torch.Tensor, renderer: SoftRenderer):
-        """face_labels: (F, T*T) part label (0..4) of every texture sample of every face (see
+    def __init__(self, face_labels: torch.Tensor, renderer: SoftRenderer, category: CategorySpec = BIRDS):
+        """face_labels: (F, T*T) part label (0..P) of every texture sample of every face (see
         :func:`face_sample_labels`); renderer: ambient-only softmax renderer, black background."""
         super().__init__()
-        onehot = F.one_hot(face_labels.long().clamp(0, 4), 5).float()  # (F, T*T, 5)
-        # parts 1..3 in the RGB channels of one render and part 4 in another: the softmax
-        # aggregation is linear per channel, so this equals one grey render per part
-        self.register_buffer("texture_a", onehot[..., 1:4].contiguous())
-        self.register_buffer("texture_b", onehot[..., 4:5].expand(-1, -1, 3).contiguous())
+        P = category.num_parts
+        onehot = F.one_hot(face_labels.long().clamp(0, P), P + 1).float()  # (F, T*T, P + 1)
+        # parts 1..P three at a time in the RGB channels of one render (the last group's channel
+        # repeated to fill it): the softmax aggregation is linear per channel, so this equals
+        # one grey render per part
+        self.groups = [(start, min(start + 3, P + 1)) for start in range(1, P + 1, 3)]
+        for i, (start, stop) in enumerate(self.groups):
+            group = onehot[..., start:stop]
+            group = torch.cat([group, group[..., -1:].expand(-1, -1, 3 - group.shape[-1])], -1)
+            self.register_buffer(f"texture_{i}", group.contiguous())
         self.renderer = renderer
-        self.register_buffer("part_weights", torch.tensor([0.0, 5.0, 0.0, 0.0, 5.0]))
+        self.register_buffer("part_weights", torch.tensor(category.part_weight_vector()))
 
     def render_parts(self, verts: torch.Tensor, faces: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
-        """Soft part maps (B, 4, H, W) of parts 1..4."""
+        """Soft part maps (B, P, H, W) of parts 1..P."""
         B = verts.shape[0]
-        a = self.renderer(verts, faces, cams, self.texture_a[None].expand(B, -1, -1, -1)).image[:, :3]
-        b = self.renderer(verts, faces, cams, self.texture_b[None].expand(B, -1, -1, -1)).image[:, :1]
-        return torch.cat([a, b], dim=1)
+        maps = []
+        for i, (start, stop) in enumerate(self.groups):
+            texture = getattr(self, f"texture_{i}")[None].expand(B, -1, -1, -1)
+            maps.append(self.renderer(verts, faces, cams, texture).image[:, : stop - start])
+        return torch.cat(maps, dim=1)
 
     def centres(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, 4, 2) centres of channels 1..4 of softmax(maps) (5 channels), x = 2·col/W − 1."""
+        """(B, P, 2) centres of channels 1..P of softmax(maps) (P + 1 channels), x = 2·col/W − 1."""
         probs = torch.softmax(maps, dim=1)[:, 1:] + 1e-3
         probs = probs / probs.sum((2, 3), keepdim=True)
         H, W = maps.shape[-2:]
@@ -286,7 +294,7 @@ class PartMatchingLoss(nn.Module):
 
     def forward(self, verts, faces, cams, part_maps) -> torch.Tensor:
         """verts (B, V, 3) (gradients flow here), cams (B, 7) (detached here), part_maps
-        (B, 5, H, W): the loader's SCOPS maps normalised per image and channel."""
+        (B, P + 1, H, W): the loader's SCOPS maps normalised per image and channel."""
         rendered = self.render_parts(verts, faces, cams.detach())
         pred = torch.cat([torch.full_like(rendered[:, :1], 0.1), rendered], dim=1)
         loss_ctr = F.mse_loss(self.centres(pred), self.centres(part_maps))
@@ -335,15 +343,15 @@ def vertex_correspondence_loss(
         part_vertices: {part: (n_part,) vertex indices}.
         hypotheses: (B, K, 7) cameras (gradients flow to them); probs: (B, K).
         part_points: {part: (B, m_part, 2)} sampled image points.
-        weights: per part, default head 1, belly 1, neck 0, back 0. Points are matched by part
-            name (the original passed neck and back swapped, harmless with these weights: Q26).
+        weights: per part (a part not named weighs 0); default the birds' ``vertex_loss_weights``
+            (head 1, belly 1, neck 0, back 0). Points are matched by part name (the original passed neck and back swapped, harmless with these weights: Q26).
         train_probs: the probabilities get this loss's gradient, so semantic consistency also
             chooses among the hypotheses (as the silhouette loss does), not only moves them;
             False detaches them, as the original (the probabilities then see silhouettes only).
     Returns:
         ``mean_b Σ_k p_bk ℓ_bk`` with ``ℓ_bk = Σ_parts w Σ_vertices min_point d² / Σ_parts n``.
     """
-    weights = weights or {"head": 1.0, "belly": 1.0, "neck": 0.0, "back": 0.0}
+    weights = BIRDS.vertex_loss_weights if weights is None else weights
     B, K = probs.shape
     cams = hypotheses.reshape(B * K, 7)
     total, count = hypotheses.new_zeros(B * K), 0

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from umr import losses as L
+from umr.category import BIRDS, CategorySpec
 from umr.config import for_stage, from_values, option
 from umr.geometry import rotate_cam, sample_textures
 from umr.mesh import FlattenLoss, LaplacianLoss
@@ -159,10 +160,12 @@ class Stage2Objective(_Objective):
         face_labels: torch.Tensor,
         part_vertices: dict,
         discriminator: Optional[Discriminator] = None,
+        category: CategorySpec = BIRDS,
     ):
         super().__init__(model, config, discriminator)
-        self.part_loss = L.PartMatchingLoss(face_labels, SoftRenderer(config.image_size).ambient_light_only())
+        self.part_loss = L.PartMatchingLoss(face_labels, SoftRenderer(config.image_size).ambient_light_only(), category)
         self.part_vertices = part_vertices
+        self.vertex_loss_weights = category.vertex_loss_weights
         self.gan_renderer = SoftRenderer(config.image_size).ambient_light_only()
         # The GAN's real images are the previous batch's (the original's choice; the first
         # iteration uses its own batch). Part of the trainer's checkpoint for exact resumes.
@@ -208,5 +211,6 @@ class Stage2Objective(_Objective):
         terms["part"] = c.prob_loss_wt * self.part_loss(verts, faces, cam_s, part_maps)
         points = {p: batch[f"{p}_points"] for p in self.part_vertices}
         terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(template, self.part_vertices, hyps, probs, points,
+                                                                          self.vertex_loss_weights,
                                                                           train_probs=not c.quirks.detached_probs)
         return sum(terms.values()), terms

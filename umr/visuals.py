@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from umr.category import BIRDS, CategorySpec
 from umr.geometry import rotate_cam, sample_textures
 from umr.renderer import SoftRenderer
 
-__all__ = ["PART_COLOURS", "flow_to_rgb", "training_grid", "to_uint8", "read_log", "plot_curves", "reconstruction_rows",
+__all__ = ["flow_to_rgb", "training_grid", "to_uint8", "read_log", "plot_curves", "reconstruction_rows",
            "template_views"]
 
-# Colours of the SCOPS channels in every picture: background, head, neck, back, belly.
-PART_COLOURS = np.array([[0.85, 0.85, 0.85], [0.9, 0.24, 0.24], [0.94, 0.78, 0.16], [0.24, 0.55, 0.94],
-                         [0.31, 0.78, 0.35]])
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -157,15 +155,15 @@ def reconstruction_rows(model, images: torch.Tensor, renderer: SoftRenderer, ang
 
 @torch.no_grad()
 def template_views(verts: torch.Tensor, faces: torch.Tensor, face_labels, renderer: SoftRenderer,
-                   scale: float = 0.8) -> np.ndarray:
-    """The template (V, 3) with its faces coloured by part label (F,) (:data:`PART_COLOURS`),
+                   scale: float = 0.8, category: CategorySpec = BIRDS) -> np.ndarray:
+    """The template (V, 3) with its faces coloured by part label (F,) (``category.part_colours``),
     seen from the side (the first camera hypothesis' view), from 45 degrees, from the front and
     from above, in a row."""
     from umr.nets import camera_biases
 
     side = camera_biases(1)[0]
     cam = torch.cat([verts.new_tensor([scale, 0.0, 0.0]), side.to(verts)])[None]
-    colours = torch.as_tensor(PART_COLOURS[np.asarray(face_labels)], dtype=verts.dtype)[None, :, None, None, :]
+    colours = torch.as_tensor(category.part_colour_array[np.asarray(face_labels)], dtype=verts.dtype)[None, :, None, None, :]
     views = [cam, rotate_cam(cam, verts.new_tensor([45.0])), rotate_cam(cam, verts.new_tensor([90.0])),
              rotate_cam(cam, verts.new_tensor([90.0]), (1.0, 0.0, 0.0))]
     tiles = [renderer(verts[None], faces, view, colours).image[0, :3] for view in views]
