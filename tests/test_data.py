@@ -75,7 +75,6 @@ def test_birds_category_matches_the_synthetic_generator(synth):
     gt = np.load(synth / "gt" / "train.npz")
     assert tuple(gt["keypoint_names"]) == BIRDS.keypoint_names and tuple(gt["part_labels"]) == BIRDS.part_labels
     assert set(np.unique(gt["face_parts"])) == set(range(1, BIRDS.num_parts + 1))
-    assert len(BIRDS.part_colours) == BIRDS.num_parts + 1
 
 
 def test_mirroring_twice_is_identity():
