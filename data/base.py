@@ -19,6 +19,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 
 from umr.category import BIRDS, CategorySpec
+from umr.conventions import to_normalised
 
 __all__ = [
     "SamplePipeline",
@@ -128,7 +129,7 @@ def part_centre_and_points(prob: np.ndarray, mask: np.ndarray, num_points: int, 
         return np.zeros(2), np.zeros((num_points, 2))
     pdf = (mass / total).reshape(-1)
     rows, cols = np.mgrid[0:height, 0:width]
-    xs, ys = 2 * cols.reshape(-1) / width - 1, 2 * rows.reshape(-1) / height - 1
+    xs, ys = to_normalised(cols.reshape(-1), width, "edge"), to_normalised(rows.reshape(-1), height, "edge")
     centre = np.array([(pdf * xs).sum(), (pdf * ys).sum()])
     draws = int(1.5 * num_points)
     support = np.count_nonzero(pdf)
@@ -203,9 +204,8 @@ class SamplePipeline:
     def normalise(self, sample: Sample):
         """(kp (15, 3), sfm scale, sfm trans (2,)) in the normalised frame; invisible keypoints → 0."""
         kp = sample.kp.copy()
-        kp[:, 0] = 2 * kp[:, 0] / self.img_size - 1
-        kp[:, 1] = 2 * kp[:, 1] / self.img_size - 1
+        kp[:, :2] = to_normalised(kp[:, :2], self.img_size, "edge")
         kp *= kp[:, 2:3] > 0
         scale = sample.sfm_scale * 2 / self.img_size
-        trans = 2 * sample.sfm_trans / self.img_size - 1
+        trans = to_normalised(sample.sfm_trans, self.img_size, "edge")
         return kp, scale, trans

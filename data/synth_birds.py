@@ -47,9 +47,10 @@ from PIL import Image
 
 from umr import mesh as M
 from umr.category import BIRDS
+from umr.conventions import to_pixels
 from umr.evaluation import point_visibility, sample_surface
 from umr.geometry import matrix_to_quat
-from umr.renderer import SoftRenderer
+from umr.renderer import make_renderer
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 NUM_SPECIES = 12
@@ -311,11 +312,6 @@ def perturb_parts(rng: np.random.Generator, parts: np.ndarray) -> np.ndarray:
     return out / np.maximum(out.sum(-1, keepdims=True), 1e-6)
 
 
-def _renderer(size: int) -> SoftRenderer:
-    return SoftRenderer(image_size=size, aggr_func_rgb="hard", dist_func="hard", aggr_func_alpha="hard",
-                        texture_type="vertex").ambient_light_only()
-
-
 def generate_one(task: tuple) -> dict:
     """Render one photo and its annotations (runs in a worker process)."""
     seed, split, index, photo_size, out_dir, scops_format, crop_size, mat_index = task
@@ -344,8 +340,9 @@ def generate_one(task: tuple) -> dict:
     quat = matrix_to_quat(torch.from_numpy(rot)).float()
     cam = torch.cat([torch.tensor([scale_n], dtype=torch.float32), torch.from_numpy(trans_n).float(), quat])[None]
     with torch.no_grad():
-        out = _renderer(window)(torch.from_numpy(verts).float()[None], torch.from_numpy(faces), cam,
-                                torch.from_numpy(colours).float()[None])
+        renderer = make_renderer(window, "labels")
+        out = renderer(torch.from_numpy(verts).float()[None], torch.from_numpy(faces), cam,
+                       torch.from_numpy(colours).float()[None])
     rgba = out.image[0].permute(1, 2, 0).numpy()
     face_index = out.face_index[0].numpy()
     labels = np.where(face_index >= 0, face_parts[np.maximum(face_index, 0)], 0)
@@ -366,9 +363,10 @@ def generate_one(task: tuple) -> dict:
     # visible: facing the camera and not behind other parts (the depth tolerance absorbs the steep
     # depth change next to the silhouette's edge, where the facing test does the work)
     facing = (kp_normals @ rot.T)[:, 2] < 0.25  # near the silhouette edge (e.g. a beak tip seen side-on) counts
-    visible = facing & point_visibility(torch.from_numpy(kp3d).float()[None], cam, out.depth, tol=0.1)[0].numpy()
-    kp_x = ox + (x_n + 1) * window / 2 - 0.5
-    kp_y = oy + (y_n + 1) * window / 2 - 0.5
+    visible = facing & point_visibility(torch.from_numpy(kp3d).float()[None], cam, out.depth,
+                                        renderer.depth_offset, tol=0.1)[0].numpy()
+    kp_x = ox + to_pixels(x_n, window, "centre")
+    kp_y = oy + to_pixels(y_n, window, "centre")
     visible &= (kp_x >= 0) & (kp_x <= width - 1) & (kp_y >= 0) & (kp_y <= height - 1)
     parts_row = np.where(visible, 1.0, 0.0)
     kp_rows = np.stack([np.where(visible, kp_x + 1, 0), np.where(visible, kp_y + 1, 0), parts_row])
@@ -407,7 +405,7 @@ def generate_one(task: tuple) -> dict:
         "parts": kp_rows,
         "class_id": species + 1,
         "sfm_scale": scale_px,
-        "sfm_trans": np.array([ox - 0.5 + window / 2 * (1 + trans_n[0]), oy - 0.5 + window / 2 * (1 + trans_n[1])]),
+        "sfm_trans": np.array([ox + to_pixels(trans_n[0], window, "centre"), oy + to_pixels(trans_n[1], window, "centre")]),
         "sfm_rot": sfm_rot,
         "verts": verts.astype(np.float32),
         "faces": faces,
@@ -562,7 +560,7 @@ def draw_preview(out_dir, path, count: int = 12, img_size: int = 160) -> None:
         for k, (x, y, v) in enumerate(item["kp"]):
             if v > 0:
                 colour = tuple(int(c) for c in cv2.cvtColor(np.uint8([[[k * 12, 255, 255]]]), cv2.COLOR_HSV2RGB)[0, 0])
-                cv2.circle(photo, (int((x + 1) * img_size / 2), int((y + 1) * img_size / 2)), 3, colour, -1)
+                cv2.circle(photo, (int(to_pixels(x, img_size, "edge")), int(to_pixels(y, img_size, "edge"))), 3, colour, -1)
         parts = item["part_prob"].transpose(1, 2, 0) @ part_colours
         tiles.append(np.concatenate([photo, np.round(np.clip(parts, 0, 1) * 255).astype(np.uint8)], axis=1))
     cols = 3

@@ -43,13 +43,14 @@ from experiments import flags as umr_flags
 from experiments.common import (build_dataset, check_sizes, check_writable, load_trained_model, resolve_checkpoint,
                                 user_errors_exit)
 from umr import distributed as D
+from umr.conventions import ALIGN_CORNERS
 from umr.losses import check_part_vertices, make_texture_distance
 from umr.mesh import uv_image_size
 from umr.obj_io import save_obj
 from umr.quirks import Quirks
 from umr.evaluation import oracle_texture_flow
 from umr.geometry import sample_textures
-from umr.renderer import SoftRenderer, face_pixel_centers
+from umr.renderer import face_pixel_centers, make_renderer
 from umr.visuals import template_views
 
 umr_flags.define_test_flags()
@@ -68,7 +69,7 @@ FLAGS = flags.FLAGS
 
 def uv_part_maps(part_prob: torch.Tensor, uv_image: torch.Tensor) -> torch.Tensor:
     """Part maps (B, 5, S, S) pulled into UV space through the UV flow images (B, 2, H, W)."""
-    return F.grid_sample(part_prob, uv_image.permute(0, 2, 3, 1), align_corners=True)
+    return F.grid_sample(part_prob, uv_image.permute(0, 2, 3, 1), align_corners=ALIGN_CORNERS)
 
 
 def sample_part_maps(part_prob: torch.Tensor, verts: torch.Tensor, cam: torch.Tensor, faces: torch.Tensor, mesh,
@@ -130,7 +131,7 @@ def labels_from_uv(prob: torch.Tensor, model) -> tuple:
     """Per-face and per-vertex part labels of the template from the UV part distribution."""
     mesh = model.mesh
     sampler = model.texture_predictor.uv_sampler.cpu()  # (F_half, T*T, 2)
-    per_sample = F.grid_sample(prob[None], sampler[None], align_corners=True)[0].argmax(0)  # (F_half, T*T)
+    per_sample = F.grid_sample(prob[None], sampler[None], align_corners=ALIGN_CORNERS)[0].argmax(0)  # (F_half, T*T)
     per_sample = mesh.symmetrize_faces(per_sample[None])[0].numpy()
     num_labels = prob.shape[0]
     face_labels = np.array([majority(row, num_labels) for row in per_sample])
@@ -158,7 +159,7 @@ def main(_):
     dataset = build_dataset(FLAGS, "train", use_scops=True, train=True)
     batch_size = FLAGS.batch_size
     distance = make_texture_distance(FLAGS.texture_loss).to(ctx.device)
-    renderer = SoftRenderer(FLAGS.image_size).to(ctx.device)  # white texture, default lighting
+    renderer = make_renderer(FLAGS.image_size, "shaded")  # white texture, default lighting
     template = model.get_mean_shape()
     faces = model.faces
     prob_size = uv_image_size(model.mesh.num_half_faces, FLAGS.tex_size)
@@ -171,7 +172,7 @@ def main(_):
                 break
             yield {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    reader = SoftRenderer(FLAGS.image_size).ambient_light_only().to(ctx.device)  # z-buffer only
+    reader = make_renderer(FLAGS.image_size)  # z-buffer only
 
     def part_readings(part_prob, out):
         """A batch's part maps in the template's UV space: summed readings (B, 5, H', W') and
@@ -245,7 +246,7 @@ def main(_):
     tex = category.part_colour_array[per_sample].reshape(len(face_labels), FLAGS.tex_size, FLAGS.tex_size, 3)
     save_obj(out_dir / "mean_template.obj", verts, model.mesh.faces, face_textures=tex)
     save_obj(out_dir / "vertex_label.obj", verts, model.mesh.faces, vertex_colors=category.part_colour_array[vertex_labels])
-    views = SoftRenderer(4 * FLAGS.img_size, background_color=(1.0, 1.0, 1.0), facing_normals=True)
+    views = make_renderer(4 * FLAGS.img_size, "picture")
     Image.fromarray(template_views(verts, model.faces.cpu(), face_labels, views, category=category)).save(out_dir / "template.png")
     parts = {p: np.flatnonzero(vertex_labels == i) for i, p in enumerate(category.part_names, start=1)}
     # a template the semantic losses cannot use is refused before stage 2 could read it

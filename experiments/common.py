@@ -20,7 +20,7 @@ from umr.evaluation import Validator, oracle_texture_flow, predict, with_render
 from umr.losses import SemanticTemplateError
 from umr.nets import MeshNet, PretrainedWeightsMissing
 from umr.quirks import Quirks
-from umr.renderer import SoftRenderer
+from umr.renderer import make_renderer
 from umr.trainer import Interrupted, RunError, unwritable
 
 USER_ERRORS = (DataError, PretrainedWeightsMissing, FileNotFoundError, SemanticTemplateError, CheckpointError,
@@ -139,7 +139,7 @@ def build_validator(flags, device) -> "Validator | None":
         gt = np.load(path)
         truth = {"cam": canonical_camera(items["sfm_pose"]).float(),
                  "surface_points": torch.from_numpy(gt["surface_points"][items["inds"].numpy()]).float()}
-    renderer = SoftRenderer(flags.image_size).ambient_light_only().to(device)
+    renderer = make_renderer(flags.image_size)
     return Validator(items, torch.from_numpy(np.stack([first, second], 1)), renderer, truth,
                      padding_frac=flags.padding_frac)
 
@@ -241,7 +241,7 @@ class Predictor:
 
     def __init__(self, flags, device, split: str, checkpoint: "ModelCheckpoint | None" = None):
         self.flags, self.device = flags, device
-        self.renderer = SoftRenderer(flags.image_size).ambient_light_only().to(device)  # alpha and z-buffer only
+        self.renderer = make_renderer(flags.image_size)  # alpha and z-buffer are read
         self.model = None
         if flags.oracle:
             if Quirks.from_flags(flags).q13_shuffled_test_loaders:

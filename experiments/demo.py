@@ -30,7 +30,7 @@ from experiments.common import check_sizes, check_writable, load_trained_model, 
 from umr import distributed as D
 from umr.geometry import rotate_cam, sample_textures
 from umr.obj_io import save_obj
-from umr.renderer import SoftRenderer
+from umr.renderer import make_renderer
 from umr.visuals import to_uint8
 
 F.define_test_flags()
@@ -73,8 +73,7 @@ def main(_):
         verts, cam, faces = out["verts"], out["cam"], model.faces
         textures = sample_textures(out["tex_flow"], img)  # (1, F, T, T, 3)
         # shading of the original's visualisation: ambient 0.8 + 0.4 from (0, 1, -1), white background
-        renderer = SoftRenderer(size, background_color=(1.0, 1.0, 1.0), light_intensity_directional=0.4,
-                                light_direction=(0.0, 1.0, -1.0), facing_normals=True).to(ctx.device)
+        renderer = make_renderer(size, "picture", light_intensity_directional=0.4, light_direction=(0.0, 1.0, -1.0))
         render = renderer(verts, faces, cam, textures).image[0]
         blue = torch.tensor([156, 199, 234], device=ctx.device, dtype=torch.float32) / 255
         plain = renderer(verts, faces, cam, blue.expand(1, faces.shape[0], 1, 3)).image[0]

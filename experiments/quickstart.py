@@ -90,13 +90,13 @@ def draw_reconstructions(model_path: Path, dataset, size: int, path: Path, count
     """The first ``count`` test photos, one row each: input, render at the predicted camera,
     overlay, and the textured mesh turned by 90, 180 and 270 degrees."""
     from experiments.common import load_model
-    from umr.renderer import SoftRenderer
+    from umr.renderer import make_renderer
     from umr.visuals import reconstruction_rows
 
     model = load_model(model_path, torch.device("cpu"))
     images = torch.stack([torch.from_numpy(dataset[i]["img"]) for i in range(min(count, len(dataset)))])
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    renderer = SoftRenderer(size, background_color=(1.0, 1.0, 1.0), facing_normals=True)
+    renderer = make_renderer(size, "picture")
     Image.fromarray(reconstruction_rows(model, images, renderer)).resize((6 * 128, len(images) * 128)).save(path)
 
 

@@ -25,6 +25,7 @@ from data.cub import KeypointPairs, make_loader
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import PCKAccumulator, transfer_keypoints
+from umr.conventions import to_pixels
 from umr.quirks import Quirks
 from umr.visuals import to_uint8
 
@@ -40,7 +41,7 @@ FLAGS = F.FLAGS
 def draw(image, kps, colour):
     size = image.shape[0]
     for x, y in kps:
-        cv2.circle(image, (int((x + 1) / 2 * size), int((y + 1) / 2 * size)), 5, colour, 1)
+        cv2.circle(image, (int(to_pixels(x, size, "edge")), int(to_pixels(y, size, "edge"))), 5, colour, 1)
     return image
 
 

@@ -70,7 +70,6 @@ def test_cuda_binned_equals_unbinned_at_a_training_batch():
 
 
 def test_a_stage2_training_step_on_cuda_matches_the_cpu():
-    from umr import losses as L
     from umr.nets import MeshNet
     from umr.objectives import ObjectiveConfig, Stage2Objective
 

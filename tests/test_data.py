@@ -320,7 +320,7 @@ def test_avg_uv_render_source_reads_each_face_its_own_part(synth, tmp_path):
     from experiments.avg_uv import sample_part_maps
     from umr.losses import SemanticTemplate
     from umr.nets import MeshNet, camera_biases
-    from umr.renderer import SoftRenderer
+    from umr.renderer import make_renderer
 
     synth_birds.truth_template(synth / "gt" / "train.npz", tmp_path, smoothing=10)
     template = SemanticTemplate(tmp_path)
@@ -331,7 +331,7 @@ def test_avg_uv_render_source_reads_each_face_its_own_part(synth, tmp_path):
         vertex_labels[template.vertices[part]] = k
     face_labels = torch.mode(vertex_labels[faces], dim=1).values  # (F,)
     cam = torch.cat([torch.tensor([0.8, 0.0, 0.0]), camera_biases(1)[0]])[None]
-    reader = SoftRenderer(64).ambient_light_only()
+    reader = make_renderer(64)
     one_hot = torch.nn.functional.one_hot(face_labels, 5).float()  # (F, 5)
     channels = []
     for group in ((1, 2, 3), (4, 0, 0)):

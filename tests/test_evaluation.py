@@ -230,13 +230,13 @@ def test_demo_writes_every_file(synth, tmp_path):
 
 def test_reconstruction_rows_and_template_views():
     from umr.nets import MeshNet
-    from umr.renderer import SoftRenderer
+    from umr.renderer import make_renderer
     from umr.visuals import reconstruction_rows, template_views, to_uint8
 
     torch.manual_seed(0)
     model = MeshNet(stage=2, img_size=64, pretrained_encoder=False).train()
     images = torch.rand(2, 3, 64, 64)
-    renderer = SoftRenderer(64, background_color=(1.0, 1.0, 1.0), facing_normals=True)
+    renderer = make_renderer(64, "picture")
     rows = reconstruction_rows(model, images, renderer)
     assert rows.shape == (128, 6 * 64, 3) and rows.dtype == np.uint8
     np.testing.assert_array_equal(rows[64:, :64], to_uint8(images[1]))  # first tile: the input

@@ -15,7 +15,7 @@ from umr.geometry import rotate_cam
 from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
 from umr.quirks import Quirks
-from umr.renderer import SoftRenderer, face_pixel_centers
+from umr.renderer import SoftRenderer, face_pixel_centers, make_renderer
 
 SIZE = 64
 
@@ -120,7 +120,7 @@ def test_part_matching_prefers_the_true_pose(birds, device):
     birds = to_device(birds, device)
     batch = birds["batch"]
     labels = birds["face_parts"][:, None].expand(-1, 36)
-    loss = L.PartMatchingLoss(labels, SoftRenderer(SIZE).ambient_light_only())
+    loss = L.PartMatchingLoss(labels, make_renderer(SIZE))
     maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
     true = loss(birds["verts"], birds["faces"], birds["cams"], maps)
     for degrees in (30, 90, 180):
@@ -137,7 +137,7 @@ def test_part_maps_equal_one_grey_render_per_part(birds, num_parts):
     g = torch.Generator().manual_seed(num_parts)
     faces = birds["faces"]
     labels = torch.randint(0, num_parts + 1, (len(faces), 36), generator=g)
-    renderer = SoftRenderer(SIZE).ambient_light_only()
+    renderer = make_renderer(SIZE)
     loss = L.PartMatchingLoss(labels, renderer, category)
     assert loss.part_weights.tolist() == [0.0] * num_parts + [2.0]
     maps = loss.render_parts(birds["verts"], faces, birds["cams"])

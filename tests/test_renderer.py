@@ -1,11 +1,12 @@
 """UMR's renderer wrapper: conventions, lighting, face_pixel_centers and silhouette fitting."""
 
 import numpy as np
+import pytest
 import torch
 
 from umr import mesh as M
 from umr.geometry import axis_angle_to_quat, sample_textures
-from umr.renderer import SoftRenderer, face_pixel_centers, project_points
+from umr.renderer import SoftRenderer, face_pixel_centers, make_renderer, project_points
 
 IDENTITY_CAM = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
 
@@ -87,10 +88,10 @@ def test_lighting_and_texture_colours(device):
     image = SoftRenderer(image_size=32)(tri, faces, cam, textures).image.cpu()
     centre = image[0, :3, 16, 16]  # inside the triangle
     torch.testing.assert_close(centre, expected, atol=1e-5, rtol=0)
-    ambient = SoftRenderer(image_size=32).ambient_light_only()(tri, faces, cam, textures).image.cpu()
+    ambient = make_renderer(32)(tri, faces, cam, textures).image.cpu()
     torch.testing.assert_close(ambient[0, :3, 16, 16], colour, atol=1e-5, rtol=0)
     assert ambient[0, 3, 0, 0] == 0 and torch.all(ambient[0, :3, 0, 0] == 0)  # black background
-    tinted = SoftRenderer(image_size=32, light_color_ambient=(1.0, 0.5, 0.25)).ambient_light_only()
+    tinted = make_renderer(32, light_color_ambient=(1.0, 0.5, 0.25))
     tinted.light_intensity_ambient = 0.8
     image = tinted(tri, faces, cam, textures).image.cpu()
     torch.testing.assert_close(image[0, :3, 16, 16], colour * torch.tensor([0.8, 0.4, 0.2]), atol=1e-5, rtol=0)
@@ -104,7 +105,7 @@ def test_textures_from_a_texture_flow_plug_in(device):
     image = torch.rand(2, 3, 32, 32).to(device)
     textures = sample_textures(flow, image)  # (B, F, T, T, 3) as the networks produce them
     assert textures.shape == (2, 1280, 6, 6, 3)
-    renderer = SoftRenderer(image_size=32).ambient_light_only()
+    renderer = make_renderer(32)
     cams = random_cams(2, seed=2).to(device)
     a = renderer(verts, faces, cams, textures).image
     b = renderer(verts, faces, cams, textures.reshape(2, 1280, 36, 3)).image
@@ -118,7 +119,7 @@ def test_vertex_colours_render(device):
     verts, faces = M.icosphere(2)
     verts, faces = torch.from_numpy(verts).float()[None].to(device), torch.from_numpy(faces).to(device)
     colours = torch.full((1, len(verts[0]), 3), 0.5, device=device)
-    renderer = SoftRenderer(image_size=32, texture_type="vertex").ambient_light_only()
+    renderer = make_renderer(32, texture_type="vertex")
     image = renderer(verts, faces, torch.tensor([[0.5, 0, 0, 1.0, 0, 0, 0]], device=device), colours).image
     torch.testing.assert_close(image[0, :3, 16, 16].cpu(), torch.full((3,), 0.5), atol=1e-5, rtol=0)
 
@@ -203,3 +204,74 @@ def test_renderer_follows_dtype_and_device(device):
     assert out.image.dtype == torch.float64 and out.depth.dtype == torch.float64
     assert out.image.device == device and out.face_index.device == device
     assert out.image.shape == (1, 4, 16, 16) and out.face_index.shape == (1, 32, 32)
+
+
+def test_every_preset_meets_the_renderer_contract(device):
+    """Renderer's documented outputs: shapes at image_size and raster_size, device and dtype of
+    the input, background codes, and a z-buffer holding the camera depth plus depth_offset."""
+    from umr.geometry import orthographic_proj_withz
+    from umr.renderer import RENDERER_PRESETS, Renderer
+
+    verts, faces = M.icosphere(2)
+    verts = torch.from_numpy(verts).float()[None].to(device)
+    faces = torch.from_numpy(faces).to(device)
+    cam = random_cams(1, seed=3).to(device)
+    for preset in RENDERER_PRESETS:
+        renderer = make_renderer(24, preset)
+        assert isinstance(renderer, Renderer) and renderer.image_size == 24 and renderer.raster_size == 48
+        colours = torch.rand(1, len(verts[0]), 3, device=device) if preset == "labels" else None
+        out = renderer(verts, faces, cam, colours)
+        assert out.image.shape == (1, 4, 24, 24) and out.image.device == verts.device and out.image.dtype == verts.dtype
+        assert out.face_index.shape == out.depth.shape == (1, 48, 48) and out.face_index.dtype == torch.int64
+        background = out.face_index < 0
+        assert background.any() and (~background).any()
+        assert torch.isinf(out.depth[background]).all()
+        # a sphere's nearest depth is the most negative camera depth of its vertices
+        nearest = orthographic_proj_withz(verts, cam)[..., 2].min()
+        assert float(out.depth[~background].min() - renderer.depth_offset) == pytest.approx(float(nearest), abs=0.02)
+
+
+def test_make_renderer_refuses_unknown_names():
+    for kwargs, word in ((dict(preset="glossy"), "preset"), (dict(backend="opengl"), "backend")):
+        with pytest.raises(ValueError, match=word):
+            make_renderer(32, **kwargs)
+
+
+def test_a_training_step_runs_on_the_reference_renderer_behind_the_same_contract():
+    """The objectives rely on umr.renderer.Renderer only: the dense PyTorch reference in place of
+    the kernels gives the same stage-2 loss terms and parameter gradients."""
+    from umr.category import BIRDS
+    from umr.nets import MeshNet
+    from umr.objectives import ObjectiveConfig, Stage2Objective
+
+    size, batch = 64, 1
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=size, pretrained_encoder=False, uv_height=16, uv_channels=32, subdivide=2,
+                    num_hypo_cams=2).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    data = {"img": torch.rand(batch, 3, size, size, generator=g), "mask": torch.zeros(batch, size, size),
+            "mask_dt": torch.rand(batch, size, size, generator=g),
+            "part_prob": torch.rand(batch, 5, size, size, generator=g),
+            "eps_z": torch.randn(batch, 350, generator=g), "u_cam": torch.rand(batch, generator=g),
+            "gan_angle": torch.randint(0, 180, (batch,), generator=g).float(),
+            **{f"{p}_points": torch.rand(batch, 10, 2, generator=g) - 0.5 for p in BIRDS.part_names}}
+    data["mask"][:, 16:48, 10:54] = 1
+    labels = torch.randint(0, 5, (len(model.faces), 36), generator=g)
+    parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
+    results = []
+    for backend in ("kernel", "reference"):
+        model.load_state_dict(state)
+        config = ObjectiveConfig.for_stage(2, image_size=size, texture_loss="l1", use_gan=False, renderer=backend)
+        objective = Stage2Objective(model, config, labels, parts)
+        out = model(data["img"], data["eps_z"], data["u_cam"])
+        total, terms = objective(out, data, 0, model.get_mean_shape())
+        model.zero_grad()
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append(({k: float(v.detach()) for k, v in terms.items()}, grads))
+    (kernel_terms, kernel_grads), (reference_terms, reference_grads) = results
+    assert kernel_terms.keys() == reference_terms.keys()
+    for name in kernel_terms:
+        assert reference_terms[name] == pytest.approx(kernel_terms[name], rel=1e-4, abs=1e-6), name
+    assert torch.nn.functional.cosine_similarity(kernel_grads, reference_grads, dim=0) > 0.999

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from umr.category import BIRDS
+from umr.conventions import ALIGN_CORNERS, pixel_index, to_pixels
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
 from umr.losses import soft_iou
-from umr.renderer import DEPTH_OFFSET, face_pixel_centers
+from umr.renderer import face_pixel_centers
 
 __all__ = [
     "keypoint_heatmaps",
@@ -50,7 +51,7 @@ def keypoint_heatmaps(kp: torch.Tensor, size: int, sigma: float = 3.0) -> torch.
     and the patch loses its last row (or column).
     """
     radius = int(3 * sigma)
-    pix = (kp + 1) / 2 * size
+    pix = to_pixels(kp, size, "edge")
     corner = torch.trunc(pix - radius)  # Python int() semantics
     end = torch.trunc(pix + radius + 1)
     centre = corner + radius  # where the patch's peak lands
@@ -68,14 +69,14 @@ def identity_grid(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(1, 2, size, size) image whose pixel (r, c) holds its own ``affine_grid`` position
     (x, y) with ``align_corners=True``."""
     theta = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]], device=device, dtype=dtype)
-    return F.affine_grid(theta, (1, 2, size, size), align_corners=True).permute(0, 3, 1, 2)
+    return F.affine_grid(theta, (1, 2, size, size), align_corners=ALIGN_CORNERS).permute(0, 3, 1, 2)
 
 
 def _face_locations(flow: torch.Tensor, size: int) -> torch.Tensor:
     """(N, F, 2): per face, the mean of the identity grid sampled at its flow samples."""
     n, num_faces = flow.shape[:2]
     grid = identity_grid(size, flow.device, flow.dtype).expand(n, -1, -1, -1)
-    samples = F.grid_sample(grid, flow.reshape(n, num_faces, -1, 2), align_corners=True)  # (N, 2, F, S)
+    samples = F.grid_sample(grid, flow.reshape(n, num_faces, -1, 2), align_corners=ALIGN_CORNERS)  # (N, 2, F, S)
     return samples.mean(-1).permute(0, 2, 1)
 
 
@@ -95,7 +96,7 @@ def transfer_by_flow(flow_src: torch.Tensor, flow_tgt: torch.Tensor, kp_src: tor
     """
     n, num_faces = flow_src.shape[:2]
     heat = keypoint_heatmaps(kp_src, size, sigma)  # (N, K, H, W)
-    score = F.grid_sample(heat, flow_src.reshape(n, num_faces, -1, 2), align_corners=True).mean(-1)  # (N, K, F)
+    score = F.grid_sample(heat, flow_src.reshape(n, num_faces, -1, 2), align_corners=ALIGN_CORNERS).mean(-1)  # (N, K, F)
     if visible_src is not None:
         usable = visible_src | ~visible_src.any(1, keepdim=True)  # no visible face: all count
         score = torch.where(usable[:, None, :], score, -math.inf)
@@ -224,18 +225,17 @@ def view_space(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     return view - torch.cat([torch.zeros_like(depth_mean).expand(-1, -1, 2), depth_mean], dim=-1)
 
 
-def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tensor, tol: float = 0.03,
-                     z_offset: float = DEPTH_OFFSET) -> torch.Tensor:
+def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tensor, z_offset: float,
+                     tol: float = 0.03) -> torch.Tensor:
     """Which points (N, P, 3) a render's z-buffer ``depth`` (N, S, S; +inf on background) shows.
 
     A point is visible when it is no deeper than the surface at its pixel, within ``tol`` times
     the camera scale. On a silhouette's edge (its pixel is background) the nearest surface among
-    the 3 x 3 neighbours counts instead. ``z_offset``: the renderer's depth offset.
+    the 3 x 3 neighbours counts instead. ``z_offset``: the ``depth_offset`` of the renderer that made ``depth``.
     """
     size = depth.shape[-1]
     proj = orthographic_proj_withz(points, cam, z_offset)
-    cols = ((proj[..., 0] + 1) * size / 2 - 0.5).round().long().clamp(0, size - 1)
-    rows = ((proj[..., 1] + 1) * size / 2 - 0.5).round().long().clamp(0, size - 1)
+    cols, rows = pixel_index(proj[..., 0], size), pixel_index(proj[..., 1], size)
     batch = torch.arange(len(points), device=points.device)[:, None]
     own = depth[batch, rows, cols]
     padded = F.pad(depth, (1, 1, 1, 1), value=math.inf)
@@ -271,7 +271,7 @@ def predict(model, img: torch.Tensor, renderer) -> dict:
     """What the evaluations need from a model (stage 1 or 2, in its current mode) for images
     (B, 3, S, S): ``verts`` (B, V, 3), ``cam`` (B, 7), ``tex_flow`` (B, F, T, T, 2), ``template``
     (B, V, 3: the template T̄ that cam-mode keypoint transfer projects), and from one render of
-    the prediction ``alpha`` (B, S, S), ``face_index`` and ``depth`` (B, 2S, 2S)."""
+    the prediction ``alpha`` (B, S, S), ``face_index`` and ``depth`` (B, 2S, 2S; camera depth, the renderer's offset removed)."""
     out = model(img)
     template = model.get_mean_shape()[None].expand(len(img), -1, -1)
     pred = {"verts": out["verts"], "cam": out["cam"], "tex_flow": out["tex_flow"], "template": template}
@@ -282,7 +282,9 @@ def with_render(pred: dict, faces: torch.Tensor, renderer) -> dict:
     """Adds ``alpha``, ``face_index`` and ``depth`` of the render of ``pred['verts']`` at
     ``pred['cam']`` (an ambient-only renderer suffices: only alpha and the z-buffer are read)."""
     render = renderer(pred["verts"], faces, pred["cam"])
-    return {**pred, "alpha": render.image[:, 3], "face_index": render.face_index, "depth": render.depth}
+    # depth as the camera's (orthographic_proj_withz without offset): independent of the renderer
+    return {**pred, "alpha": render.image[:, 3], "face_index": render.face_index,
+            "depth": render.depth - renderer.depth_offset}
 
 
 def transfer_keypoints(pred_src: dict, pred_tgt: dict, kp_src: torch.Tensor, mode: str, img_size: int,
@@ -297,7 +299,8 @@ def transfer_keypoints(pred_src: dict, pred_tgt: dict, kp_src: torch.Tensor, mod
             visible = face_pixel_centers(pred_src["face_index"], pred_src["tex_flow"].shape[1])[1]
         return transfer_by_flow(pred_src["tex_flow"], pred_tgt["tex_flow"], kp_src, img_size, sigma, visible)
     if mode == "cam":
-        visible = point_visibility(pred_src["verts"], pred_src["cam"], pred_src["depth"]) if visible_only else None
+        visible = (point_visibility(pred_src["verts"], pred_src["cam"], pred_src["depth"], z_offset=0.0)
+                   if visible_only else None)
         return transfer_by_camera(pred_src["template"], pred_src["cam"], pred_tgt["template"], pred_tgt["cam"],
                                   pred_tgt["alpha"], kp_src, visible)
     raise ValueError(f"keypoint transfer mode must be 'flow' or 'cam', got {mode!r}")

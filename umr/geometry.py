@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from umr.conventions import ALIGN_CORNERS
+
 __all__ = [
     "hamilton_product",
     "quat_conjugate",
@@ -187,7 +189,7 @@ def rotate_cam(cam: torch.Tensor, angles_deg: torch.Tensor, axis=(0.0, 1.0, 0.0)
     return torch.cat((cam[:, :3], quat), dim=-1)
 
 
-def sample_textures(flow: torch.Tensor, image: torch.Tensor, align_corners: bool = True) -> torch.Tensor:
+def sample_textures(flow: torch.Tensor, image: torch.Tensor, align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:
     """Bilinearly sample per-face texture colours from an image at texture-flow positions.
 
     Args:

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from umr.category import BIRDS, CategorySpec
+from umr.conventions import ALIGN_CORNERS, pixel_positions
 from umr.geometry import sample_textures
 from umr.quirks import Quirks
-from umr.renderer import SoftRenderer, face_pixel_centers, project_points
+from umr.renderer import Renderer, face_pixel_centers, project_points
 
 __all__ = [
     "neg_iou",
@@ -113,7 +114,7 @@ def cycle_target(face_index: torch.Tensor, num_faces: int, p2f: Optional[torch.T
     ``q9_last_face_visible``, face F−1 counts as visible wherever the z-buffer shows background
     (the original indexed with the background's −1).
     """
-    target, visible = face_pixel_centers(face_index, num_faces, align_corners=True, dtype=torch.float32)
+    target, visible = face_pixel_centers(face_index, num_faces, align_corners=ALIGN_CORNERS, dtype=torch.float32)
     if quirks.q9_last_face_visible:
         visible = visible.clone()
         visible[:, -1] |= (face_index < 0).flatten(1).any(1)
@@ -257,7 +258,7 @@ class PartMatchingLoss(nn.Module):
     ``(L_pix + L_ctr) / 4``.
     """
 
-    def __init__(self, face_labels: torch.Tensor, renderer: SoftRenderer, category: CategorySpec = BIRDS):
+    def __init__(self, face_labels: torch.Tensor, renderer: Renderer, category: CategorySpec = BIRDS):
         """face_labels: (F, T*T) part label (0..P) of every texture sample of every face (see
         :func:`face_sample_labels`); renderer: ambient-only softmax renderer, black background."""
         super().__init__()
@@ -288,8 +289,8 @@ class PartMatchingLoss(nn.Module):
         probs = torch.softmax(maps, dim=1)[:, 1:] + 1e-3
         probs = probs / probs.sum((2, 3), keepdim=True)
         H, W = maps.shape[-2:]
-        xs = 2 * torch.arange(W, device=maps.device, dtype=maps.dtype) / W - 1
-        ys = 2 * torch.arange(H, device=maps.device, dtype=maps.dtype) / H - 1
+        xs = pixel_positions(W, "edge", maps.device, maps.dtype)
+        ys = pixel_positions(H, "edge", maps.device, maps.dtype)
         return torch.stack([(probs.sum(2) * xs).sum(-1), (probs.sum(3) * ys).sum(-1)], dim=-1)
 
     def forward(self, verts, faces, cams, part_maps) -> torch.Tensor:
@@ -314,7 +315,7 @@ def face_sample_labels(seg: np.ndarray, uv_sampler: torch.Tensor, mesh, rounded:
     label_image = torch.from_numpy(np.asarray(seg, dtype=np.float32))[None, None]
     grid = uv_sampler[None].float().cpu()  # (1, F_half, T*T, 2)
     mode = "bilinear" if rounded else "nearest"
-    labels = F.grid_sample(label_image, grid, mode=mode, align_corners=True)[0, 0]
+    labels = F.grid_sample(label_image, grid, mode=mode, align_corners=ALIGN_CORNERS)[0, 0]
     labels = labels.round().long() if rounded else labels.long()
     return mesh.symmetrize_faces(labels[None])[0]
 

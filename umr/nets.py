@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from umr.config import option
+from umr.conventions import ALIGN_CORNERS
 from umr.geometry import hamilton_product
 from umr.mesh import SymmetricMesh, compute_uv_sampler, symmetric_template, uv_image_size
 from umr.quirks import Quirks
@@ -367,7 +368,7 @@ class TexturePredictorUV(nn.Module):
         uv_image = self.decoder(self.enc(feat).view(-1, self.channels, self.feat_h, self.feat_w))
         uv_image = torch.tanh(uv_image)
         grid = self.uv_sampler.to(uv_image.dtype)[None].expand(feat.shape[0], -1, -1, -1)
-        flow = F.grid_sample(uv_image, grid, align_corners=True)  # (B, 2, F_half, T*T)
+        flow = F.grid_sample(uv_image, grid, align_corners=ALIGN_CORNERS)  # (B, 2, F_half, T*T)
         flow = flow.permute(0, 2, 3, 1).reshape(feat.shape[0], -1, self.tex_size, self.tex_size, 2)
         return self.mesh.symmetrize_faces(flow), uv_image
 

@@ -26,7 +26,7 @@ from umr.geometry import rotate_cam, sample_textures
 from umr.mesh import FlattenLoss, LaplacianLoss
 from umr.nets import Discriminator, MeshNet
 from umr.quirks import Quirks
-from umr.renderer import SoftRenderer
+from umr.renderer import RENDERER_BACKENDS, Renderer, make_renderer
 
 __all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective"]
 
@@ -60,6 +60,9 @@ class ObjectiveConfig:
     ent_loss_wt: float = option(0.05, "Camera-probability entropy weight (minimised).", stages=(2,), lower_bound=0.0)
     prob_loss_wt: float = option(5.0, "Part matching loss weight.", stages=(2,), lower_bound=0.0)
     vertex_loss_wt: float = option(10.0, "Vertex correspondence loss weight.", stages=(2,), lower_bound=0.0)
+    renderer: str = option("kernel", "Rasterizer behind the training renders: the C++/CUDA kernels, or the dense "
+                           "PyTorch reference (same numbers, far slower; for checking the kernels).",
+                           choices=tuple(RENDERER_BACKENDS))
     quirks: Quirks = option(help="The original's departures from the paper to reproduce (--compat, --quirks).",
                             flag=False, default_factory=Quirks)
 
@@ -82,16 +85,20 @@ def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
 
 
 class _Objective(nn.Module):
-    def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator]):
+    def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator],
+                 renderer: Optional[Renderer]):
         super().__init__()
         self.config = config
         self.axis = model.axis  # the template's symmetry axis (orientation prior)
-        size = config.image_size
         faces = model.mesh.faces
         self.register_buffer("faces", torch.from_numpy(faces), persistent=False)
         self.laplacian = LaplacianLoss(faces, len(model.mesh.verts))
         self.flatten = FlattenLoss(faces)
-        self.tex_renderer = SoftRenderer(size).ambient_light_only()
+        # One renderer serves every render of an iteration (texture, novel-view and part renders):
+        # textures as given, black background; what it must provide is umr.renderer.Renderer.
+        self.renderer = renderer if renderer is not None else make_renderer(config.image_size, backend=config.renderer)
+        if self.renderer.image_size != config.image_size:
+            raise ValueError(f"the renderer draws {self.renderer.image_size} px but --image_size is {config.image_size}")
         self.texture_distance = L.make_texture_distance(config.texture_loss)
         if config.use_gan and discriminator is None:
             raise ValueError("use_gan needs a discriminator")
@@ -117,10 +124,9 @@ class Stage1Objective(_Objective):
     """docs/method.md §10.2: silhouette, smoothness, orientation, deformation, texture (perceptual, DT, cycle)
     and silhouette GAN losses of the single-camera stage."""
 
-    def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator] = None):
-        super().__init__(model, config, discriminator)
-        # novel-view silhouettes: alpha only, so no lighting to compute
-        self.gan_renderer = SoftRenderer(config.image_size).ambient_light_only()
+    def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator] = None,
+                 renderer: Optional[Renderer] = None):
+        super().__init__(model, config, discriminator, renderer)
 
     def forward(self, out: dict, batch: dict, epoch: int):
         self._check_sizes(batch)
@@ -129,7 +135,7 @@ class Stage1Objective(_Objective):
         img, mask = batch["img"], batch["mask"]
         terms = {}
         textures = sample_textures(out["tex_flow"], img)
-        render = self.tex_renderer(verts, faces, cam, textures, return_p2f=c.quirks.q2_softras_p2f,
+        render = self.renderer(verts, faces, cam, textures, return_p2f=c.quirks.q2_softras_p2f,
                                    rgb_geometry_grad=False)
         alpha = render.image[:, 3]
         terms["mask"] = c.mask_loss_wt * L.mask_loss(alpha, mask)
@@ -144,7 +150,7 @@ class Stage1Objective(_Objective):
         target, visible = L.cycle_target(render.face_index, faces.shape[0], render.p2f, 1, c.quirks)
         terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), visible)
         if self.discriminator is not None:
-            fake = self.gan_renderer(verts, faces, rotate_cam(cam.detach(), _gan_angles(batch, verts))).image[:, 3:]
+            fake = self.renderer(verts, faces, rotate_cam(cam.detach(), _gan_angles(batch, verts))).image[:, 3:]
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, alpha.detach()[:, None], fake)
         return sum(terms.values()), terms
 
@@ -161,12 +167,12 @@ class Stage2Objective(_Objective):
         part_vertices: dict,
         discriminator: Optional[Discriminator] = None,
         category: CategorySpec = BIRDS,
+        renderer: Optional[Renderer] = None,
     ):
-        super().__init__(model, config, discriminator)
-        self.part_loss = L.PartMatchingLoss(face_labels, SoftRenderer(config.image_size).ambient_light_only(), category)
+        super().__init__(model, config, discriminator, renderer)
+        self.part_loss = L.PartMatchingLoss(face_labels, self.renderer, category)
         self.part_vertices = part_vertices
         self.vertex_loss_weights = category.vertex_loss_weights
-        self.gan_renderer = SoftRenderer(config.image_size).ambient_light_only()
         # The GAN's real images are the previous batch's (the original's choice; the first
         # iteration uses its own batch). Part of the trainer's checkpoint for exact resumes.
         self.previous_real: Optional[torch.Tensor] = None
@@ -181,7 +187,7 @@ class Stage2Objective(_Objective):
         img, mask = batch["img"], batch["mask"]
         terms = {"entropy": c.ent_loss_wt * L.camera_entropy(probs)}
         textures = sample_textures(out["tex_flow"], img)
-        render = self.tex_renderer(verts.repeat_interleave(K, dim=0), faces, hyps.reshape(B * K, 7),
+        render = self.renderer(verts.repeat_interleave(K, dim=0), faces, hyps.reshape(B * K, 7),
                                    textures.repeat_interleave(K, dim=0), rgb_geometry_grad=False)
         alphas = render.image[:, 3]
         terms["mask"] = c.mask_loss_wt * L.multi_mask_loss(alphas.view(B, K, *alphas.shape[1:]), mask, probs)
@@ -203,7 +209,7 @@ class Stage2Objective(_Objective):
         if self.discriminator is not None:
             previous = self.previous_real if self.previous_real is not None and len(self.previous_real) == B else real
             angles = _gan_angles(batch, verts)
-            fake = self.gan_renderer(verts, faces, rotate_cam(cam_s, angles), textures.detach()).image[:, :3]
+            fake = self.renderer(verts, faces, rotate_cam(cam_s, angles), textures.detach()).image[:, :3]
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, previous, fake)
         self.previous_real = real
 

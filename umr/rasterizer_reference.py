@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from umr.conventions import to_normalised
 from umr.renderer import RasterOutput, RasterSettings, _prepare_textures
 
 __all__ = ["kept_pairs_reference", "soft_rasterize_reference"]
@@ -182,11 +183,11 @@ def _chunk(face_vertices, textures, px, py, rows, cols, s: RasterSettings, thres
                 u = torch.where(rgb_ok, torch.exp((zeta - running) * (1.0 / s.gamma_val)) * D, torch.zeros_like(D))
                 S = s.image_size
                 if s.p2f_align_corners:
-                    gx, gy = (-1 + 2 * cols.to(dtype) / max(S - 1, 1), -1 + 2 * rows.to(dtype) / max(S - 1, 1))
+                    gx, gy = (to_normalised(cols.to(dtype), S, "corners"), to_normalised(rows.to(dtype), S, "corners"))
                     if S == 1:
                         gx, gy = torch.zeros_like(gx), torch.zeros_like(gy)
                 else:
-                    gx, gy = (2 * cols + 1).to(dtype) / S - 1, (2 * rows + 1).to(dtype) / S - 1
+                    gx, gy = to_normalised(cols.to(dtype), S, "centre"), to_normalised(rows.to(dtype), S, "centre")
                 p2f = torch.stack(
                     [(u * gx[None, :, None]).sum(1), (u * gy[None, :, None]).sum(1), u.sum(1)], dim=-1
                 )  # (B, F, 3)

@@ -24,13 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from umr.conventions import ALIGN_CORNERS, pixel_positions, raster_size
 from umr.geometry import orthographic_proj, orthographic_proj_withz
 
 __all__ = [
     "RasterSettings",
     "RasterOutput",
     "soft_rasterize",
+    "Renderer",
     "SoftRenderer",
+    "RENDERER_BACKENDS",
+    "RENDERER_PRESETS",
+    "make_renderer",
     "project_points",
     "face_pixel_centers",
     "gather_face_vertices",
@@ -94,7 +99,7 @@ class RasterSettings:
     texture_type: str = "surface"
     double_side: bool = True
     return_p2f: bool = False
-    p2f_align_corners: bool = True
+    p2f_align_corners: bool = ALIGN_CORNERS
     binning: bool = True
     vectorize: bool = True
     rgb_geometry_grad: bool = True
@@ -231,7 +236,8 @@ def gather_face_vertices(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tens
     return verts[batch_index, faces]
 
 
-def face_pixel_centers(face_index: torch.Tensor, num_faces: int, align_corners: bool = True, dtype=torch.float32):
+def face_pixel_centers(face_index: torch.Tensor, num_faces: int, align_corners: bool = ALIGN_CORNERS,
+                       dtype=torch.float32):
     """Mean image position of the pixels where each face is the visible one.
 
     Args:
@@ -247,13 +253,8 @@ def face_pixel_centers(face_index: torch.Tensor, num_faces: int, align_corners: 
     batch, height, width = face_index.shape
     device = face_index.device
 
-    def positions(n):
-        idx = torch.arange(n, device=device, dtype=dtype)
-        if align_corners:
-            return -1 + 2 * idx / max(n - 1, 1)
-        return (2 * idx + 1) / n - 1
-
-    xs, ys = positions(width), positions(height)
+    pixel_grid = "corners" if align_corners else "centre"
+    xs, ys = (pixel_positions(n, pixel_grid, device, dtype) for n in (width, height))
     grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1).reshape(-1, 2)  # (H*W, 2)
     valid = face_index.reshape(batch, -1) >= 0
     flat_face = (face_index.reshape(batch, -1) + num_faces * torch.arange(batch, device=device)[:, None])[valid]
@@ -274,7 +275,42 @@ EYE_DISTANCE = 2.732
 DEPTH_OFFSET = CAMERA_DEPTH + EYE_DISTANCE
 
 
-class SoftRenderer(nn.Module):
+class Renderer(nn.Module):
+    """The contract between umr and a renderer: what objectives, losses, evaluation and pictures
+    rely on, and all they rely on. Build renderers with :func:`make_renderer`.
+
+    Attributes:
+        image_size: N, the side of ``image``.
+        raster_size: R, the side of ``face_index`` and ``depth`` (:func:`umr.conventions.raster_size`).
+        depth_offset: a vertex of camera depth d (``orthographic_proj_withz(..., offset_z=0)``)
+            has ``depth`` d + ``depth_offset`` in the z-buffer.
+
+    Forward ``(verts, faces, cams, textures=None, return_p2f=False, rgb_geometry_grad=True)``:
+        verts: (B, V, 3) object-frame vertices (differentiable).
+        faces: (F, 3) shared or (B, F, 3) per-sample int64 faces.
+        cams: (B, 7) ``[s, tx, ty, qw, qx, qy, qz]`` (differentiable).
+        textures: (B, F, T, T, 3) or (B, F, T*T, 3) per-face colour samples (face f's sample
+            (i, j) at barycentric weights (i/(T−1), j/(T−1), rest), docs/method.md §1.3); None = white.
+        return_p2f: also fill ``p2f`` (renderers with ``supports_p2f``).
+        rgb_geometry_grad: False: RGB passes gradients to ``textures`` only, alpha still to the
+            geometry.
+    Returns :class:`RasterOutput`: ``image`` (B, 4, N, N) RGB and soft alpha, row r over row r of
+    the input image (docs/conventions.md §2); ``face_index`` (B, R, R) int64 (−1 = background);
+    ``depth`` (B, R, R) (+inf = background); ``p2f`` (B, F, 2) or None. All on ``verts``' device
+    and dtype.
+    """
+
+    image_size: int
+    raster_size: int
+    depth_offset: float
+    supports_p2f: bool = False
+
+    def forward(self, verts, faces, cams, textures=None, return_p2f: bool = False,
+                rgb_geometry_grad: bool = True) -> RasterOutput:
+        raise NotImplementedError
+
+
+class SoftRenderer(Renderer):
     """UMR's renderer: camera 7-vector → orthographic projection → lighting → soft rasterizer.
 
     Defaults are UMR's (docs/rasterizer.md §1): 256 px output rasterized at 512 and
@@ -320,9 +356,15 @@ class SoftRenderer(nn.Module):
         z_offset: float = CAMERA_DEPTH,
         eye_distance: float = EYE_DISTANCE,
         facing_normals: bool = False,
+        rasterizer=None,
     ):
         super().__init__()
         self.image_size = image_size
+        self.raster_size = raster_size(image_size, anti_aliasing)
+        self.depth_offset = z_offset + eye_distance
+        self.supports_p2f = aggr_func_rgb == "softmax"
+        # soft_rasterize's signature and contract; the dense reference of umr.rasterizer_reference fits
+        self.rasterizer = rasterizer or soft_rasterize
         self.anti_aliasing = anti_aliasing
         self.z_offset = z_offset
         self.eye_distance = eye_distance
@@ -335,7 +377,7 @@ class SoftRenderer(nn.Module):
         self.light_color_directional = tuple(light_color_directional)
         self.light_direction = tuple(light_direction)
         self.settings = RasterSettings(
-            image_size=image_size * (2 if anti_aliasing else 1),
+            image_size=self.raster_size,
             background_color=tuple(background_color),
             near=near,
             far=far,
@@ -349,12 +391,6 @@ class SoftRenderer(nn.Module):
             texture_type=texture_type,
             double_side=fill_back,
         )
-
-    def ambient_light_only(self) -> "SoftRenderer":
-        """Ambient 1, directional 0 (UMR's texture renderers)."""
-        self.light_intensity_ambient = 1.0
-        self.light_intensity_directional = 0.0
-        return self
 
     def _light(self, normals: torch.Tensor) -> torch.Tensor:
         """(..., 3) light factor for unit normals (..., 3)."""
@@ -391,9 +427,43 @@ class SoftRenderer(nn.Module):
                     normals = normals * torch.where(normals[..., 2:] > 0, -1.0, 1.0).to(normals)
                 face_textures = textures * self._light(normals)[:, :, None, :]
         face_verts = face_verts + face_verts.new_tensor([0.0, 0.0, self.eye_distance])
-        out = soft_rasterize(face_verts, face_textures, settings)
+        out = self.rasterizer(face_verts, face_textures, settings)
         image = F.avg_pool2d(out.image, 2) if self.anti_aliasing else out.image
         return out._replace(image=image)
+
+
+def _reference_rasterizer(face_vertices, textures, settings):
+    from umr.rasterizer_reference import soft_rasterize_reference  # it imports this module
+
+    return soft_rasterize_reference(face_vertices, textures, settings)
+
+
+# Rasterizers behind SoftRenderer: the C++/CUDA kernels, or the dense PyTorch reference (same
+# numbers to rounding, O(B·R²·F): for tests and for checking the kernels on a new machine).
+RENDERER_BACKENDS = {"kernel": soft_rasterize, "reference": _reference_rasterizer}
+
+# What umr renders, by purpose (SoftRenderer keyword arguments):
+RENDERER_PRESETS = {
+    # training and evaluation: textures as given (ambient light 1), black background
+    "texture": dict(light_intensity_ambient=1.0, light_intensity_directional=0.0),
+    # a white mesh shaded by UMR's default lights (ambient 0.8, directional 0.5 from the image top)
+    "shaded": dict(),
+    # pictures: white background, every face lit from its visible side
+    "picture": dict(background_color=(1.0, 1.0, 1.0), facing_normals=True),
+    # hard z-buffered per-vertex colours (the synthetic generator's label renders)
+    "labels": dict(aggr_func_rgb="hard", dist_func="hard", aggr_func_alpha="hard", texture_type="vertex",
+                   light_intensity_ambient=1.0, light_intensity_directional=0.0),
+}
+
+
+def make_renderer(image_size: int, preset: str = "texture", backend: str = "kernel", **overrides) -> Renderer:
+    """The one way umr builds a renderer: ``preset`` (:data:`RENDERER_PRESETS`) on ``backend``
+    (:data:`RENDERER_BACKENDS`), then ``overrides`` (:class:`SoftRenderer` keyword arguments)."""
+    if preset not in RENDERER_PRESETS:
+        raise ValueError(f"unknown renderer preset {preset!r}; choose one of {sorted(RENDERER_PRESETS)}")
+    if backend not in RENDERER_BACKENDS:
+        raise ValueError(f"unknown renderer backend {backend!r}; choose one of {sorted(RENDERER_BACKENDS)}")
+    return SoftRenderer(image_size, **{**RENDERER_PRESETS[preset], **overrides}, rasterizer=RENDERER_BACKENDS[backend])
 
 
 def _face_cross(face_verts: torch.Tensor) -> torch.Tensor:

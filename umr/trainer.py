@@ -476,11 +476,10 @@ class Trainer:
             return
         from PIL import Image
 
-        from umr.renderer import SoftRenderer
+        from umr.renderer import make_renderer
         from umr.visuals import training_grid
 
-        renderer = SoftRenderer(batch["img"].shape[-1], background_color=(1.0, 1.0, 1.0),
-                                facing_normals=True).to(self.ctx.device)
+        renderer = make_renderer(batch["img"].shape[-1], "picture")
         grid = training_grid(out, batch, self.model.faces, renderer)
         self.vis_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(self.vis_dir / f"iter_{self.step:07d}.png")
