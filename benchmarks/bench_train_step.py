@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from data import synth_birds
-from data.cub import CUBDataset
+from umr.data import synth_birds
+from umr.data.cub import CUBDataset
 from umr import renderer as R
 from umr.distributed import Context
 from umr.category import BIRDS

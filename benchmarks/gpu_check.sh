@@ -81,10 +81,10 @@ step bench_train_step 600 "$py" -m benchmarks.bench_train_step --device cuda --i
 
 # 5. 200 stage-2 iterations on synthetic birds, from the truth's semantic template
 data="$out/synth_birds"
-step data 600 "$py" -m data.synth_birds --out "$data" --num_train 400 --num_val 20 --num_test 0 --photo_size 300
-step template 300 "$py" -c "from data.synth_birds import truth_template; print(truth_template('$data/gt/train.npz', '$out/template'))"
+step data 600 "$py" -m umr.data.synth_birds --out "$data" --num_train 400 --num_val 20 --num_test 0 --photo_size 300
+step template 300 "$py" -c "from umr.data.synth_birds import truth_template; print(truth_template('$data/gt/train.npz', '$out/template'))"
 step train_s2 900 "$py" -m experiments.train_s2 --device cuda --name gpu_s2 --checkpoint_dir "$out/snapshots" \
-  --vis_dir "$out/visualization" --cub_dir "$data/CUB_200_2011" --cub_cache_dir "$data/cachedir/cub" \
+  --vis_dir "$out/visualization" --dataset synth_birds --cub_dir "$data/CUB_200_2011" --cub_cache_dir "$data/cachedir/cub" \
   --scops_path "$data/scops" --stemp_path "$out/template" --img_size 256 --image_size 256 --batch_size 16 \
   --num_iter 200 --num_epochs 1000 --nopretrained_encoder --texture_loss l1 --val_freq 100 --val_images 20 \
   --val_pairs 20 --display_freq 0 --save_latest_freq 100 --n_data_workers 4

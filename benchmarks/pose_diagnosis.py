@@ -19,8 +19,8 @@ import json
 import numpy as np
 import torch
 
-from data.cub import CUBDataset
-from data.synth_birds import canonical_camera
+from umr.data.cub import CUBDataset
+from umr.data.synth_birds import canonical_camera
 from experiments.common import load_model
 from umr.evaluation import align_rotations, rotation_of
 from umr.geometry import matrix_to_quat, quat_geodesic_angle
@@ -41,7 +41,7 @@ def mean_rotation(rots: torch.Tensor) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", required=True)
-    parser.add_argument("--data", required=True, help="a synthetic set (python -m data.synth_birds --out ...)")
+    parser.add_argument("--data", required=True, help="a synthetic set (python -m umr.data.synth_birds --out ...)")
     parser.add_argument("--split", default="test")
     args = parser.parse_args()
     model = load_model(args.model_path, torch.device("cpu"))

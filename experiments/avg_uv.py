@@ -38,7 +38,7 @@ from absl import app, flags
 from PIL import Image
 from tqdm import tqdm
 
-from data.cub import DataError, make_loader
+from umr.data.cub import DataError, make_loader
 from experiments import flags as umr_flags
 from experiments.common import (build_dataset, check_sizes, check_writable, load_trained_model, resolve_checkpoint,
                                 user_errors_exit)

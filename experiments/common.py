@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.cub import CUBDataset, DataError
-from data.synth_birds import canonical_camera
+from umr.data import DATASETS, dataset_spec
+from umr.data.cub import DataError
 from umr import distributed as D
 from umr.checkpoints import ARCHITECTURE_FLAGS, CheckpointError, ModelCheckpoint, load_weights, read_model_checkpoint
 from umr.evaluation import Validator, oracle_texture_flow, predict, with_render
@@ -96,10 +96,11 @@ def run_training(script: str, trainer, dataset, ctx) -> None:
         D.cleanup()
 
 
-def build_dataset(flags, split: str, use_scops: bool, train: bool = True) -> CUBDataset:
-    """The CUB loader of the flags; ``train`` = the training split's augmentation (jitter and
-    mirroring; the test loaders use neither, unless the quirk q13_shuffled_test_loaders)."""
-    return CUBDataset(
+def build_dataset(flags, split: str, use_scops: bool, train: bool = True):
+    """The loader of ``--dataset`` (umr.data.DATASETS); ``train`` = the training split's augmentation
+    (jitter and mirroring; the test loaders use neither, unless the quirk q13_shuffled_test_loaders)."""
+    spec = dataset_spec(flags.dataset)
+    return spec.loader(
         flags.cub_dir,
         flags.cub_cache_dir,
         split=split,
@@ -109,6 +110,7 @@ def build_dataset(flags, split: str, use_scops: bool, train: bool = True) -> CUB
         mirror=True if (train or Quirks.from_flags(flags).q13_shuffled_test_loaders) else False,
         scops_path=flags.scops_path if use_scops else None,
         seed=flags.data_seed,
+        category=spec.category,
     )
 
 
@@ -137,7 +139,7 @@ def build_validator(flags, device) -> "Validator | None":
     path = truth_path(flags, flags.val_split, required=False)
     if path is not None:
         gt = np.load(path)
-        truth = {"cam": canonical_camera(items["sfm_pose"]).float(),
+        truth = {"cam": truth_camera(flags, items["sfm_pose"]),
                  "surface_points": torch.from_numpy(gt["surface_points"][items["inds"].numpy()]).float()}
     renderer = make_renderer(flags.image_size)
     return Validator(items, torch.from_numpy(np.stack([first, second], 1)), renderer, truth,
@@ -259,15 +261,22 @@ class Predictor:
         if self.model is not None:
             return predict(self.model, batch["img"].to(self.device), self.renderer)
         verts = self.true_verts[batch["inds"]].to(self.device)
-        cam = canonical_camera(batch["sfm_pose"]).float().to(self.device)
+        cam = truth_camera(self.flags, batch["sfm_pose"]).to(self.device)
         out = {"verts": verts, "cam": cam, "template": verts,
                "tex_flow": oracle_texture_flow(verts, self.faces, cam, self.flags.tex_size)}
         return with_render(out, self.faces, self.renderer)
 
 
 def truth_path(flags, split: str, required: bool = True):
-    """The synthetic set's 3-D truth of a split (``--gt_dir``, default <cub_cache_dir>/../../gt);
-    None when it is missing and not ``required``."""
+    """The 3-D truth of a split of a ``--dataset`` that has one (``--gt_dir``, default
+    <cub_cache_dir>/../../gt); None when there is none and it is not ``required``."""
+    spec = dataset_spec(flags.dataset)
+    if not spec.has_truth:
+        if not required:
+            return None
+        with_truth = sorted(name for name, s in DATASETS.items() if s.has_truth)
+        raise DataError(f"--dataset {spec.name} has no 3-D truth; evaluate on a data set with one "
+                        f"(--dataset {' or '.join(with_truth)})")
     gt_dir = Path(flags.gt_dir) if getattr(flags, "gt_dir", "") else Path(flags.cub_cache_dir).resolve().parent.parent / "gt"
     path = gt_dir / f"{split}.npz"
     if not path.is_file():
@@ -275,6 +284,11 @@ def truth_path(flags, split: str, required: bool = True):
             return None
         raise DataError(f"the synthetic set's 3-D truth {path} is missing (set --gt_dir; CUB has none)")
     return path
+
+
+def truth_camera(flags, sfm_pose) -> torch.Tensor:
+    """Float cameras (..., 7) that project the 3-D truth, from the loader's ``sfm_pose`` (..., 7)."""
+    return dataset_spec(flags.dataset).truth_camera(sfm_pose).float()
 
 
 def results_folder(flags) -> Path:

@@ -24,7 +24,7 @@ import torch
 from absl import app, flags
 from PIL import Image
 
-from data.cub import image_has_alpha, read_image
+from umr.data.cub import image_has_alpha, read_image
 from experiments import flags as F
 from experiments.common import check_sizes, check_writable, load_trained_model, resolve_checkpoint, user_errors_exit
 from umr import distributed as D
@@ -42,7 +42,7 @@ FLAGS = F.FLAGS
 
 def load_photo(path: Path, size: int) -> np.ndarray:
     """(size, size, 3) float32 crop: longer side resized to ``size``, centred, white padding.
-    Any photo :func:`data.cub.read_image` reads (16-bit too; transparent pixels over white)."""
+    Any photo :func:`umr.data.cub.read_image` reads (16-bit too; transparent pixels over white)."""
     photo = read_image(path, "check --img_path")
     if path.is_file():
         with Image.open(path) as im:

@@ -16,6 +16,7 @@ import os
 from absl import flags
 
 from umr.config import CACHE_DIR, field_type, option_fields, stage_default
+from umr.data import DATASETS
 from umr.nets import ArchitectureConfig
 from umr.objectives import ObjectiveConfig
 from umr.quirks import QUIRK_NAMES
@@ -76,6 +77,8 @@ def define_data_flags():
     define("enum", "split", "train", "Data split.", enum_values=["train", "val", "test", "all"])
     define("integer", "n_data_workers", 4, "DataLoader worker processes (0 loads in the main process).",
            lower_bound=0)
+    define("enum", "dataset", "cub", "Data set: " + "; ".join(f"{name}: {spec.help}" for name, spec in DATASETS.items())
+           + ". Both read the CUB layout of --cub_dir and --cub_cache_dir.", enum_values=list(DATASETS))
     define("string", "cub_dir", "CUB_200_2011/", "CUB-200-2011 folder (contains images/).")
     define("string", "cub_cache_dir", "unsup-mesh/cachedir/cub/", "CMR annotation cache (contains data/ and sfm/).")
     define("string", "scops_path", "SCOPS/results/cub/ITER_60000/train/dcrf_prob", "SCOPS part probability maps.")

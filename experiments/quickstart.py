@@ -41,7 +41,7 @@ import torch
 from absl import app, flags
 from PIL import Image
 
-from data.cub import CUBDataset
+from umr.data.cub import CUBDataset
 
 # name: (data, stage 1, stage 2, evaluation) sizes
 RECIPES = {
@@ -110,7 +110,7 @@ def main(_):
     data = out / "synth_birds"
     snapshots, visuals = out / "snapshots", out / "visualization"
     size = FLAGS.img_size
-    data_flags = [f"--cub_dir={data / 'CUB_200_2011'}", f"--cub_cache_dir={data / 'cachedir' / 'cub'}",
+    data_flags = ["--dataset=synth_birds", f"--cub_dir={data / 'CUB_200_2011'}", f"--cub_cache_dir={data / 'cachedir' / 'cub'}",
                   f"--img_size={size}", f"--image_size={size}", f"--device={FLAGS.device}",
                   f"--n_data_workers={FLAGS.n_data_workers}"]
     net_flags = ["--uv_height=32", "--uv_channels=64"]
@@ -123,7 +123,7 @@ def main(_):
     if (data / "README.txt").is_file():
         print(f"quickstart: reusing the synthetic set in {data}")
     else:
-        times["data"] = run("synthetic birds", "data.synth_birds", f"--out={data}", f"--num_train={recipe['num_train']}",
+        times["data"] = run("synthetic birds", "umr.data.synth_birds", f"--out={data}", f"--num_train={recipe['num_train']}",
                             f"--num_val={recipe['num_val']}", f"--num_test={recipe['num_test']}", "--photo_size=200",
                             f"--seed={FLAGS.seed}", "--preview")
 

@@ -22,10 +22,9 @@ import torch
 from absl import app, flags
 from tqdm import tqdm
 
-from data.cub import make_loader
-from data.synth_birds import canonical_camera
+from umr.data.cub import make_loader
 from experiments import flags as F
-from experiments.common import Predictor, setup_evaluation, truth_path, user_errors_exit, write_results
+from experiments.common import Predictor, setup_evaluation, truth_camera, truth_path, user_errors_exit, write_results
 from umr.evaluation import align_rotations, mask_iou, rotation_of, sample_surfaces, surface_distances
 
 F.define_test_flags()
@@ -46,7 +45,7 @@ def main(_):
         if FLAGS.max_eval_iter and i >= FLAGS.max_eval_iter:
             break
         out = predict(batch)
-        true_cam = canonical_camera(batch["sfm_pose"]).float().to(ctx.device)
+        true_cam = truth_camera(FLAGS, batch["sfm_pose"]).to(ctx.device)
         rot_pred.append(rotation_of(out["cam"]).cpu())
         rot_true.append(rotation_of(true_cam).cpu())
         ious.append(mask_iou(out["alpha"], batch["mask"].to(ctx.device)).cpu())

@@ -13,7 +13,7 @@ import torch
 from absl import app
 from tqdm import tqdm
 
-from data.cub import make_loader
+from umr.data.cub import make_loader
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import mask_iou

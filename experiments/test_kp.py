@@ -21,7 +21,7 @@ import torch
 from absl import app, flags
 from tqdm import tqdm
 
-from data.cub import KeypointPairs, make_loader
+from umr.data.cub import KeypointPairs, make_loader
 from experiments import flags as F
 from experiments.common import Predictor, setup_evaluation, user_errors_exit, write_results
 from umr.evaluation import PCKAccumulator, transfer_keypoints

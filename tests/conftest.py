@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from data import synth_birds
+from umr.data import synth_birds
 
 
 def cuda_ready() -> bool:

@@ -196,7 +196,7 @@ def run(module, *args, check=True):
 
 
 def test_trained_checkpoint_is_evaluated_with_only_model_path(data_dir, tmp_path):
-    data = [f"--cub_dir={data_dir / 'CUB_200_2011'}", f"--cub_cache_dir={data_dir / 'cachedir' / 'cub'}",
+    data = ["--dataset=synth_birds", f"--cub_dir={data_dir / 'CUB_200_2011'}", f"--cub_cache_dir={data_dir / 'cachedir' / 'cub'}",
             "--n_data_workers=0"]
     run("experiments.train_s1", *data, f"--scops_path={data_dir / 'scops'}", "--img_size=64", "--image_size=64",
         "--nz_feat=64", "--uv_height=16", "--uv_channels=32", "--quirks=q5_linear_shape_mlp", "--batch_size=2",

@@ -108,7 +108,7 @@ def test_a_stage2_training_step_on_cuda_matches_the_cpu():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_torchrun_on_two_gpus_with_nccl(synth_set, tmp_path):
     root = synth_set(seed=11, num_train=8, num_val=0, num_test=0)
-    flags = [f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}", "--img_size=64",
+    flags = ["--dataset=synth_birds", f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}", "--img_size=64",
              "--image_size=64", "--n_data_workers=0", "--name=ddp", f"--checkpoint_dir={tmp_path}",
              f"--vis_dir={tmp_path / 'vis'}", "--batch_size=4", "--nopretrained_encoder", "--texture_loss=l1",
              "--val_freq=0", "--display_freq=0", "--num_iter=2", "--device=cuda"]

@@ -6,9 +6,9 @@ import pytest
 import scipy.io
 import torch
 
-from data import synth_birds
-from data.base import Sample, barrier_distance_transform, mirror_sample
-from data.cub import CUBDataset, DataError, KeypointPairs, make_loader
+from umr.data import synth_birds
+from umr.data.base import Sample, barrier_distance_transform, mirror_sample
+from umr.data.cub import CUBDataset, DataError, KeypointPairs, make_loader
 from umr.category import BIRDS, CategorySpec
 from umr.geometry import quat_to_matrix
 
@@ -347,3 +347,23 @@ def test_avg_uv_render_source_reads_each_face_its_own_part(synth, tmp_path):
     seen = per_face_weight > 0.5
     assert seen.float().mean() > 0.7
     assert (read[seen] == half_labels[seen]).float().mean() > 0.9
+
+
+def test_registered_data_sets_meet_the_sample_contract(synth):
+    """Every DATASETS entry's loader yields items that check_sample accepts, with and without
+    part maps; check_sample names a key that breaks the contract."""
+    from umr.data import DATASETS, check_sample
+
+    for spec in DATASETS.values():
+        for scops in (None, synth / "scops"):
+            ds = spec.loader(synth / "CUB_200_2011", synth / "cachedir" / "cub", split="train", img_size=64,
+                             scops_path=scops, category=spec.category)
+            item = ds[0]
+            check_sample(item, 64, spec.category)
+            assert ("part_prob" in item) == (scops is not None)
+    bad = dict(item, back_points=item["back_points"][:3])
+    with pytest.raises(ValueError, match="back_points"):
+        check_sample(bad, 64)
+    with pytest.raises(ValueError, match="'mask'"):
+        check_sample({k: v for k, v in item.items() if k != "mask"}, 64)
+    assert DATASETS["synth_birds"].has_truth and not DATASETS["cub"].has_truth

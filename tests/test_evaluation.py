@@ -159,8 +159,8 @@ def synth(synth_set):
 
 
 def eval_flags(root, size=128):
-    return [f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}", "--split=test",
-            f"--img_size={size}", f"--image_size={size}", "--n_data_workers=0", "--batch_size=4"]
+    return ["--dataset=synth_birds", f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}",
+            "--split=test", f"--img_size={size}", f"--image_size={size}", "--n_data_workers=0", "--batch_size=4"]
 
 
 def test_oracle_scores_near_perfect_and_a_random_model_far_lower(synth, tmp_path):
@@ -190,6 +190,10 @@ def test_oracle_scores_near_perfect_and_a_random_model_far_lower(synth, tmp_path
     assert rand["test_iou"]["mask_iou"] < res["test_iou"]["mask_iou"] - 0.3
     assert rand["test_kp_cam"]["PCK.1"] < res["test_kp_cam"]["PCK.1"] - 0.3
     assert rand["test_3d"]["chamfer_l2"] > 100 * max(res["test_3d"]["chamfer_l2"], 1e-6)
+    # a data set without 3-D truth is refused by name, with the flag that fixes it
+    result = run("experiments.test_3d", *model, "--dataset=cub", check=False)
+    assert result.returncode == 2 and "--dataset cub has no 3-D truth" in result.stderr
+    assert "--dataset synth_birds" in result.stderr
 
 
 def test_demo_writes_every_file(synth, tmp_path):

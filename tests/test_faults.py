@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data.cub import CUBDataset, DataError, DataWarning, read_image
+from umr.data.cub import CUBDataset, DataError, DataWarning, read_image
 from umr import trainer as T
 from umr.distributed import Context
 
@@ -29,7 +29,7 @@ def data_dir(synth_set):
 
 
 def data_flags(root, scops=True):
-    return [f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}",
+    return ["--dataset=synth_birds", f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}",
             *([f"--scops_path={root / 'scops'}"] if scops else []), f"--img_size={SIZE}", f"--image_size={SIZE}",
             "--n_data_workers=0"]
 

@@ -7,8 +7,8 @@ import torch
 from conftest import to_device
 from torch.utils.data import default_collate
 
-from data import synth_birds
-from data.cub import CUBDataset
+from umr.data import synth_birds
+from umr.data.cub import CUBDataset
 from umr import losses as L
 from umr.category import BIRDS, CategorySpec
 from umr.geometry import rotate_cam

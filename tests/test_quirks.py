@@ -49,7 +49,8 @@ def synth(synth_set):
 def test_q13_test_loaders_mirror(synth):
     from experiments.common import build_dataset
 
-    flags = SimpleNamespace(cub_dir=str(synth / "CUB_200_2011"), cub_cache_dir=str(synth / "cachedir" / "cub"),
+    flags = SimpleNamespace(dataset="synth_birds", cub_dir=str(synth / "CUB_200_2011"),
+                            cub_cache_dir=str(synth / "cachedir" / "cub"),
                             img_size=64, padding_frac=0.05, jitter_frac=0.05, scops_path="", data_seed=0,
                             compat=False, quirks=[])
     assert not build_dataset(flags, "test", use_scops=False, train=False).pipeline.mirror
@@ -62,7 +63,7 @@ def test_q27_evaluates_one_pair_more(synth, tmp_path):
     for quirks in ("", "q27_extra_pair"):
         name = quirks or "default"
         subprocess.run([sys.executable, "-m", "experiments.test_kp", "--oracle", "--mode=cam", "--number_pairs=3",
-                        f"--quirks={quirks}", f"--cub_dir={synth / 'CUB_200_2011'}", "--split=test",
+                        f"--quirks={quirks}", "--dataset=synth_birds", f"--cub_dir={synth / 'CUB_200_2011'}", "--split=test",
                         f"--cub_cache_dir={synth / 'cachedir' / 'cub'}", "--img_size=64", "--image_size=64",
                         "--n_data_workers=0", f"--results_eval_dir={tmp_path}", f"--name={name}"],
                        cwd=REPO, check=True, capture_output=True, timeout=300)

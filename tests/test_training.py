@@ -22,7 +22,7 @@ def data_dir(synth_set):
 
 
 def data_flags(root):
-    return [f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}",
+    return ["--dataset=synth_birds", f"--cub_dir={root / 'CUB_200_2011'}", f"--cub_cache_dir={root / 'cachedir' / 'cub'}",
             f"--scops_path={root / 'scops'}", f"--img_size={SIZE}", f"--image_size={SIZE}", "--n_data_workers=0"]
 
 
@@ -258,7 +258,7 @@ def test_missing_inputs_stop_with_clear_messages(data_dir, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
-    from data.cub import CUBDataset
+    from umr.data.cub import CUBDataset
     from umr.distributed import Context
     from umr.nets import MeshNet
     from umr.objectives import ObjectiveConfig, Stage1Objective

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import SamplePipeline, barrier_distance_transform, part_centre_and_points
+from umr.data.base import SamplePipeline, barrier_distance_transform, part_centre_and_points
 from umr.category import BIRDS, CategorySpec
 from umr.geometry import matrix_to_quat
 
@@ -108,11 +108,8 @@ class CUBDataset(Dataset):
             ``(seed, epoch, index)`` only — the same in any DataLoader worker and after a resume;
             :meth:`set_epoch` varies it between epochs.
 
-    Each item is a dict of numpy arrays: ``img`` (3, S, S) float32 in [0, 1], ``mask`` (S, S)
-    float32 in [0, 1], ``mask_dt`` (S, S) barrier distance transform, ``kp`` (15, 3) normalised
-    (x, y, visibility; invisible rows are 0), ``sfm_pose`` (7,) = scale, tx, ty, quaternion
-    (normalised frame), ``inds``, ``img_path``, ``mirrored``; with SCOPS also ``part_prob``
-    (5, S, S) and, per part, ``<part>_center`` (2,) and ``<part>_points`` (n, 2).
+    Each item is a dict of numpy arrays with the keys, shapes and dtypes of the sample contract,
+    ``umr.data.SAMPLE_FIELDS`` (the part keys only with SCOPS).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 r"""Synthetic birds with 3-D ground truth, written in the CUB + CMR-cache + SCOPS layout.
 
-    python -m data.synth_birds --out cachedir/synth_birds --num_train 1000 --num_val 100 \
+    python -m umr.data.synth_birds --out cachedir/synth_birds --num_train 1000 --num_val 100 \
         --num_test 200 --seed 0 [--preview] [--workers 2]
 
 Each bird is a union of ellipsoids in a canonical frame (x forward, y left, z up; left/right
@@ -389,10 +389,10 @@ def generate_one(task: tuple) -> dict:
     if scops_format == "full":
         np.savez_compressed(scops_dir / f"{stem}.npz", prob=np.round(full * 255).astype(np.uint8))
     else:  # the original's per-crop files, in the loader's un-jittered crop frame
-        from data.base import SamplePipeline
+        from umr.data.base import SamplePipeline
 
         box = SamplePipeline(img_size=crop_size).crop_box(np.array(bbox, dtype=np.float64) - 1, np.random.default_rng(0))
-        from data.base import crop as crop_box
+        from umr.data.base import crop as crop_box
 
         crop = cv2.resize(crop_box(full, box, np.eye(CHANNELS, dtype=np.float32)[0]), (crop_size, crop_size), interpolation=cv2.INTER_LINEAR)
         np.save(scops_dir / f"{stem}_{mat_index}.npy", crop.astype(np.float32))
@@ -483,7 +483,7 @@ def generate(out_dir, num_train=1000, num_val=100, num_test=200, seed=0, photo_s
         start += n
     (out_dir / "README.txt").write_text(
         "Synthetic birds (umr). Use with:\n"
-        f"  --cub_dir {out_dir / 'CUB_200_2011'} --cub_cache_dir {out_dir / 'cachedir' / 'cub'} --scops_path {out_dir / 'scops'}\n"
+        f"  --dataset synth_birds --cub_dir {out_dir / 'CUB_200_2011'} --cub_cache_dir {out_dir / 'cachedir' / 'cub'} --scops_path {out_dir / 'scops'}\n"
         f"generated with: {json.dumps(dict(counts, seed=seed, photo_size=photo_size, scops_format=scops_format))}\n"
     )
     return counts
@@ -546,7 +546,7 @@ def truth_template(gt_path, out_dir, num_birds: int = 100, smoothing: int = 10, 
 def draw_preview(out_dir, path, count: int = 12, img_size: int = 160) -> None:
     """A grid of training crops: the photo with mask outline and visible keypoints, and beside it
     the SCOPS-like part map (head red, neck yellow, back blue, belly green)."""
-    from data.cub import CUBDataset
+    from umr.data.cub import CUBDataset
 
     dataset = CUBDataset(Path(out_dir) / "CUB_200_2011", Path(out_dir) / "cachedir" / "cub", split="train",
                          img_size=img_size, mirror=False, jitter_frac=0.0, scops_path=Path(out_dir) / "scops")
