@@ -37,7 +37,7 @@ from umr.distributed import Context
 from umr.category import BIRDS
 from umr.nets import Discriminator, MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
-from umr.trainer import Trainer, TrainSettings, _to_device
+from umr.trainer import Trainer, TrainSettings, to_device
 
 DEVICE = torch.device("cpu")
 
@@ -98,7 +98,7 @@ def seconds_per_iteration(trainer: Trainer, iters: int) -> float:
     for it in range(iters + 1):
         sync()
         start = time.perf_counter()
-        total, _, _ = trainer.step_module(_to_device(next(loader), DEVICE), 0)
+        total, _, _ = trainer.step_module(to_device(next(loader), DEVICE), 0)
         total.backward()
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -166,7 +166,7 @@ def main():
         clock.totals.clear()
         sync()
         start = time.perf_counter()
-        batch = _to_device(next(loader), DEVICE)
+        batch = to_device(next(loader), DEVICE)
         sync()
         t_data = time.perf_counter() - start
         total, terms, out = trainer.step_module(batch, 0)

@@ -14,9 +14,9 @@ from experiments import flags as F
 from experiments.common import build_dataset, build_model, build_validator, check_sizes, run_training, user_errors_exit
 from umr import distributed as D
 from umr.nets import Discriminator
-from umr.objectives import ObjectiveConfig, Stage1Objective
+from umr.objectives import ObjectiveConfig, Stage1Objective, TemplateUpdate
 from umr.quirks import Quirks
-from umr.trainer import Trainer, TrainSettings, make_template_update, seed_everything
+from umr.trainer import Trainer, TrainSettings, seed_everything
 
 F.define_train_flags(stage=1)
 FLAGS = F.FLAGS
@@ -34,7 +34,7 @@ def main(_):
     objective = Stage1Objective(model, config, disc)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
-                      end_of_epoch=make_template_update(FLAGS.update_template_freq, Quirks.from_flags(FLAGS).template_jump),
+                      end_of_epoch=TemplateUpdate(FLAGS.update_template_freq, Quirks.from_flags(FLAGS).template_jump),
                       validate=build_validator(FLAGS, ctx.device))
     run_training("train_s1", trainer, dataset, ctx)
 

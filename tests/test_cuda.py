@@ -95,7 +95,7 @@ def test_a_stage2_training_step_on_cuda_matches_the_cpu():
         objective = Stage2Objective(model, config, labels, parts).to(device)
         batch_on = {k: v.to(device) for k, v in data.items()}
         out = model(batch_on["img"], batch_on["eps_z"], batch_on["u_cam"])
-        total, terms = objective(out, batch_on, 0, model.get_mean_shape())
+        total, terms = objective(out, batch_on, 0)
         assert all(torch.isfinite(v) for v in terms.values())
         model.zero_grad()
         total.backward()

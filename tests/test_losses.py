@@ -279,8 +279,7 @@ def texture_term_grads(stage, quirks, device):
     batch["mask"][:, 16:48, 10:54] = 1
     batch = to_device(batch, device)
     out = model(batch["img"])
-    args = (out, batch, 0) if stage == 1 else (out, batch, 0, model.get_mean_shape())
-    _, terms = objective(*args)
+    _, terms = objective(out, batch, 0)
     (terms["texture"] + terms["texture_dt"] + terms["texture_cycle"]).backward()
 
     def grad_norm(module):

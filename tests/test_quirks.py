@@ -98,7 +98,7 @@ def test_detached_probs_stops_the_vertex_loss_training_the_probabilities():
                  "mask_dt": torch.rand(2, size, size), "part_prob": torch.rand(2, 5, size, size),
                  **{f"{p}_points": torch.rand(2, 10, 2) - 0.5 for p in BIRDS.part_names}}
         batch["mask"][:, 16:48, 10:54] = 1
-        _, terms = objective(model(batch["img"]), batch, 0, model.get_mean_shape())
+        _, terms = objective(model(batch["img"]), batch, 0)
         terms["vertex"].backward()
         grads = [h.prob_predictor.weight.grad for h in model.cam_predictor.camera_predictor]
         return sum(float(g.abs().sum()) for g in grads if g is not None)

@@ -265,7 +265,7 @@ def test_a_training_step_runs_on_the_reference_renderer_behind_the_same_contract
         config = ObjectiveConfig.for_stage(2, image_size=size, texture_loss="l1", use_gan=False, renderer=backend)
         objective = Stage2Objective(model, config, labels, parts)
         out = model(data["img"], data["eps_z"], data["u_cam"])
-        total, terms = objective(out, data, 0, model.get_mean_shape())
+        total, terms = objective(out, data, 0)
         model.zero_grad()
         total.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -147,6 +147,7 @@ def test_template_update(jump):
 
     from umr.distributed import Context
     from umr.nets import MeshNet
+    from umr.objectives import TemplateUpdate
 
     torch.manual_seed(0)
     model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False)
@@ -166,9 +167,9 @@ def test_template_update(jump):
 
     verts, delta, z = predict()
     template = model.mean_v.clone()
-    T.make_template_update(2, jump)(trainer, epoch=0)  # not an update epoch
+    TemplateUpdate(2, jump)(trainer, epoch=0)  # not an update epoch
     assert torch.equal(model.mean_v, template)
-    T.make_template_update(2, jump)(trainer, epoch=1)
+    TemplateUpdate(2, jump)(trainer, epoch=1)
     after, delta_after, _ = predict()
     if jump:
         shift = model.predict_offsets(z.mean(0, keepdim=True))[0].detach()
@@ -187,10 +188,20 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     run("experiments.train_s1", *train_flags(data_dir, tmp_path, "resumed", "--num_iter=3", *common))
     first = torch.load(tmp_path / "snapshots" / "resumed" / "pred_net_latest.pth", map_location="cpu", weights_only=True)
     assert first["step"] == 3
+    assert {"objective", "scheduler"} <= first.keys() and any(k.startswith("discriminator.") for k in first["objective"])
+    # the same checkpoint as written before objectives and the learning rate kept their own state
+    legacy = {k: v for k, v in first.items() if k not in ("objective", "scheduler")}
+    legacy["discriminator"] = {k[len("discriminator."):]: v for k, v in first["objective"].items()
+                               if k.startswith("discriminator.")}
+    legacy["previous_real"] = None
+    (tmp_path / "snapshots" / "legacy").mkdir()
+    torch.save(legacy, tmp_path / "snapshots" / "legacy" / "pred_net_latest.pth")
     run("experiments.train_s1", *train_flags(data_dir, tmp_path, "resumed", "--num_iter=6", "--resume", *common))
+    run("experiments.train_s1", *train_flags(data_dir, tmp_path, "legacy", "--num_iter=6", "--resume", *common))
     straight = model_state(tmp_path / "snapshots" / "straight" / "pred_net_latest.pth")
     resumed = model_state(tmp_path / "snapshots" / "resumed" / "pred_net_latest.pth")
     assert_states_close(straight, resumed, atol=1e-6)
+    assert_states_close(straight, model_state(tmp_path / "snapshots" / "legacy" / "pred_net_latest.pth"), atol=1e-6)
     assert not torch.allclose(straight["shape_predictor.mlp.0.weight"], first["model"]["shape_predictor.mlp.0.weight"])
 
 
@@ -296,3 +307,52 @@ def test_convert_batchnorm_keeps_state_and_dtype():
     torch.testing.assert_close(converted.running_mean, torch.full((3,), 1.5, dtype=torch.float64))
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(converted(x), bn(x))  # no process group: plain batch norm
+
+
+def test_learning_rate_rule_is_a_scheduler_that_resumes():
+    """InverseDecayLR gives base / (1 + 5e-4 n) at iteration n = 1, 2, ..., bit for bit the
+    rule's formula, and continues from its state_dict."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1e-4)
+    scheduler = T.InverseDecayLR(optimizer)
+    seen = []
+    for _ in range(5):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == [1e-4 / (1 + 5e-4 * n) for n in range(1, 6)]
+    resumed_optimizer = torch.optim.SGD([param], lr=1e-4)
+    resumed = T.InverseDecayLR(resumed_optimizer)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(scheduler.state_dict())
+    assert resumed_optimizer.param_groups[0]["lr"] == 1e-4 / (1 + 5e-4 * 6)
+
+
+def test_objectives_keep_their_own_state():
+    """An objective's state_dict holds what training changes (the discriminator, stage 2's
+    previous real batch) and nothing rebuilt at construction; loading it restores both."""
+    from umr.category import BIRDS
+    from umr.nets import Discriminator, MeshNet
+    from umr.objectives import ObjectiveConfig, Stage2Objective
+
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    labels = torch.randint(0, 5, (len(model.faces), 36))
+    parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
+
+    def objective(seed):
+        torch.manual_seed(seed)
+        config = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1")
+        return Stage2Objective(model, config, labels, parts, Discriminator(0.2, 3, SIZE))
+
+    trained = objective(0)
+    trained.previous_real = torch.rand(2, 3, SIZE, SIZE)
+    state = trained.state_dict()
+    assert {k.split(".")[0] for k in state} == {"discriminator", "_extra_state"}
+    fresh = objective(1)
+    assert not torch.equal(fresh.discriminator.fc.weight, trained.discriminator.fc.weight)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.discriminator.fc.weight, trained.discriminator.fc.weight)
+    assert torch.equal(fresh.previous_real, trained.previous_real)
+    assert [id(p) for p in fresh.trainable_parameters()] == [id(p) for p in fresh.discriminator.parameters()]
+    with pytest.raises(RuntimeError, match="unexpected"):
+        fresh.load_state_dict({**state, "stray": torch.zeros(1)})

@@ -271,9 +271,9 @@ class PartMatchingLoss(nn.Module):
         for i, (start, stop) in enumerate(self.groups):
             group = onehot[..., start:stop]
             group = torch.cat([group, group[..., -1:].expand(-1, -1, 3 - group.shape[-1])], -1)
-            self.register_buffer(f"texture_{i}", group.contiguous())
+            self.register_buffer(f"texture_{i}", group.contiguous(), persistent=False)  # from the labels
         self.renderer = renderer
-        self.register_buffer("part_weights", torch.tensor(category.part_weight_vector()))
+        self.register_buffer("part_weights", torch.tensor(category.part_weight_vector()), persistent=False)
 
     def render_parts(self, verts: torch.Tensor, faces: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
         """Soft part maps (B, P, H, W) of parts 1..P."""

@@ -325,7 +325,9 @@ class LaplacianLoss(nn.Module):
 
     def __init__(self, faces: np.ndarray, num_verts: int):
         super().__init__()
-        self.register_buffer("laplacian", torch.from_numpy(laplacian_matrix(np.asarray(faces), num_verts)).float())
+        # derived from the mesh (not state): kept out of state_dict
+        self.register_buffer("laplacian", torch.from_numpy(laplacian_matrix(np.asarray(faces), num_verts)).float(),
+                             persistent=False)
 
     def forward(self, verts: torch.Tensor) -> torch.Tensor:
         lap = self.laplacian.to(verts.dtype)
@@ -358,7 +360,7 @@ class FlattenLoss(nn.Module):
             if len(opp) != 2:
                 raise ValueError(f"FlattenLoss: edge ({a}, {b}) has {len(opp)} faces; a closed 2-manifold is required")
             quads.append((a, b, opp[0], opp[1]))
-        self.register_buffer("quads", torch.tensor(quads, dtype=torch.long).reshape(-1, 4))
+        self.register_buffer("quads", torch.tensor(quads, dtype=torch.long).reshape(-1, 4), persistent=False)
 
     @property
     def num_edges(self) -> int:

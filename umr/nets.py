@@ -167,6 +167,8 @@ class _ResNetConv(nn.Module):
     def __init__(self, pretrained: bool):
         super().__init__()
         self.resnet = load_resnet18(pretrained)  # the unused fc stays, for the state-dict layout
+        for p in self.resnet.fc.parameters():  # ... and is never trained
+            p.requires_grad_(False)
 
     def forward(self, x):
         r = self.resnet
@@ -481,6 +483,15 @@ class MeshNet(nn.Module):
     def get_mean_shape(self) -> torch.Tensor:
         """The full template (V, 3)."""
         return self.symmetrize(self.mean_v)
+
+    @property
+    def latent_size(self) -> int:
+        """Size of the latent code z (the ``eps_z`` a training sample carries)."""
+        return self.arch["z_dim"]
+
+    def trainable_parameters(self) -> list:
+        """The parameters an optimiser trains (the ResNet's unused classifier is not among them)."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def predict_offsets(self, z: torch.Tensor) -> torch.Tensor:
         """Half-mesh offsets (B, V_half, 3) for latent codes (B, z_dim)."""

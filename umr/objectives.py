@@ -1,7 +1,10 @@
 """The per-iteration training objectives of both stages (docs/method.md §10.2, docs/method.md §12.2).
 
-Each objective owns its renderers and regularisers and returns the total loss with its named,
-weighted terms. Gradient routing (docs/method.md §8): the texture branch sees the geometry as
+Every objective is called as ``objective(out, batch, epoch) -> (total, terms)`` (``out`` the
+model's outputs, ``terms`` the named, weighted loss terms), owns its renderer and regularisers,
+lists what the optimiser trains besides the model (:meth:`_Objective.trainable_parameters`: the
+discriminator) and keeps its own state in ``state_dict()`` (the discriminator, and stage 2's
+previous real batch), which the trainer saves in every checkpoint. Gradient routing (docs/method.md §8): the texture branch sees the geometry as
 detached; by default the predicted silhouette that masks the rendered texture is detached too,
 so texture losses never move shape or camera (the original let them through it: quirk
 ``q4_texture_moves_geometry`` restores that).
@@ -28,7 +31,7 @@ from umr.nets import Discriminator, MeshNet
 from umr.quirks import Quirks
 from umr.renderer import RENDERER_BACKENDS, Renderer, make_renderer
 
-__all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective"]
+__all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective", "TemplateUpdate"]
 
 
 @dataclass
@@ -104,6 +107,27 @@ class _Objective(nn.Module):
             raise ValueError("use_gan needs a discriminator")
         self.discriminator = discriminator if config.use_gan else None
 
+    # Fixed modules rebuilt at construction (the perceptual network's weights come from their
+    # ImageNet file): not part of the objective's state_dict.
+    _NOT_SAVED = ("texture_distance.",)
+
+    def trainable_parameters(self) -> list:
+        """What the optimiser trains besides the model: the discriminator's parameters."""
+        return [p for p in self.discriminator.parameters() if p.requires_grad] if self.discriminator is not None else []
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        for key in [k for k in state if k.startswith(self._NOT_SAVED)]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(self._NOT_SAVED)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"{type(self).__name__} state: missing {missing}, unexpected {result.unexpected_keys}")
+        return result
+
     def _check_sizes(self, batch):
         size = batch["img"].shape[-1]
         if size != self.config.image_size:
@@ -155,6 +179,55 @@ class Stage1Objective(_Objective):
         return sum(terms.values()), terms
 
 
+class TemplateUpdate:
+    """Stage 1's template update (docs/method.md §10.3), an end-of-epoch hook of the trainer:
+    after every ``freq``-th epoch, run the model (train mode, no gradients) over that epoch's
+    training batches and move the mean predicted deformation (over all samples of all
+    processes) into the template ``mean_v``.
+
+    By default the shape predictor's output bias gives the same amount back, so every predicted
+    shape stays where it was and only the split between template and deformation changes (the
+    deformation prior then sees the per-image deformations alone). ``jump`` (quirk
+    ``template_jump``): the original, which added the deformation of the mean latent code (the
+    mean deformation only while the stage-1 shape MLP was affine, quirk Q5) and left the
+    predictor as it was, so every predicted shape jumped by that amount until the network
+    re-adapted.
+
+    Called as ``hook(trainer, epoch)`` with a trainer that has ``model``, ``ctx`` and
+    ``loader(epoch)`` (:class:`umr.trainer.Trainer`).
+    """
+
+    def __init__(self, freq: int, jump: bool = False):
+        self.freq, self.jump = freq, jump
+
+    def __call__(self, trainer, epoch: int) -> None:
+        from tqdm import tqdm
+
+        from umr import distributed as D
+        from umr.trainer import to_device
+
+        if self.freq <= 0 or (epoch + 1) % self.freq:
+            return
+        model, jump = trainer.model, self.jump
+        model.train()
+        device = trainer.ctx.device
+        total = torch.zeros_like(model.mean_v if not jump else model.encoder.mean_fc[-1].bias, dtype=torch.float64)
+        count = torch.zeros(1, device=device, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
+                              disable=not trainer.ctx.is_main):
+                batch = to_device(batch, device, model.mean_v.dtype)
+                out = model(batch["img"], batch["eps_z"], batch["u_cam"])
+                total += (out["noise"] if jump else out["delta_v"]).double().sum(0)
+                count += len(out["noise"])
+            mean = (D.all_reduce_sum(total) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
+            if jump:
+                model.mean_v += model.predict_offsets(mean[None])[0]
+            else:
+                model.mean_v += mean
+                model.shape_predictor.shift_output(-mean)
+
+
 class Stage2Objective(_Objective):
     """docs/method.md §12.2: multi-hypothesis silhouette, camera entropy, smoothness, deformation, texture
     (per hypothesis), RGB GAN, part matching and vertex correspondence losses."""
@@ -173,13 +246,22 @@ class Stage2Objective(_Objective):
         self.part_loss = L.PartMatchingLoss(face_labels, self.renderer, category)
         self.part_vertices = part_vertices
         self.vertex_loss_weights = category.vertex_loss_weights
+        # the template T̄ (V, 3), fixed in stage 2, which the vertex correspondence loss projects
+        self.register_buffer("template", model.get_mean_shape().detach().clone(), persistent=False)
         # The GAN's real images are the previous batch's (the original's choice; the first
-        # iteration uses its own batch). Part of the trainer's checkpoint for exact resumes.
+        # iteration uses its own batch). In state_dict (extra state) for exact resumes.
         self.previous_real: Optional[torch.Tensor] = None
 
-    def forward(self, out: dict, batch: dict, epoch: int, template: torch.Tensor):
-        """``template``: (V, 3) the fixed template T̄ (``model.get_mean_shape()``)."""
+    def get_extra_state(self):
+        return {"previous_real": None if self.previous_real is None else self.previous_real.cpu()}
+
+    def set_extra_state(self, state):
+        previous = (state or {}).get("previous_real")
+        self.previous_real = None if previous is None else previous.to(self.template)
+
+    def forward(self, out: dict, batch: dict, epoch: int):
         self._check_sizes(batch)
+        template = self.template
         c = self.config
         verts, faces = out["verts"], self.faces
         hyps, probs = out["cam_hypotheses"], out["cam_probs"]

@@ -29,6 +29,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -44,8 +45,8 @@ from umr.config import CACHE_DIR, from_values, option, to_dict
 from umr.checkpoints import (CHECKPOINT_FORMAT, CheckpointError, load_file, model_config, numpy_rng_state, save_atomic,
                              set_numpy_rng_state)
 
-__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "load_checkpoint", "RunError", "Interrupted",
-           "unwritable"]
+__all__ = ["TrainSettings", "Trainer", "SampleNoise", "TrainStep", "InverseDecayLR", "load_checkpoint", "to_device",
+           "RunError", "Interrupted", "unwritable"]
 
 
 class RunError(RuntimeError):
@@ -179,11 +180,20 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: dict, epoch: int):
         out = self.model(batch["img"], batch.get("eps_z"), batch.get("u_cam"))
-        if self.model.stage == 2:
-            total, terms = self.objective(out, batch, epoch, self.model.get_mean_shape())
-        else:
-            total, terms = self.objective(out, batch, epoch)
+        total, terms = self.objective(out, batch, epoch)
         return total, terms, out
+
+
+class InverseDecayLR(torch.optim.lr_scheduler.LRScheduler):
+    """UMR's learning-rate rule: ``lr = base / (1 + rate · n)`` at iteration n = 1, 2, ...
+    Step it after every iteration; its state (the iteration count) is saved in checkpoints."""
+
+    def __init__(self, optimizer, rate: float = 5e-4, last_epoch: int = -1):
+        self.rate = rate
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list:
+        return [base / (1 + self.rate * (self.last_epoch + 1)) for base in self.base_lrs]
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -194,7 +204,7 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.float32) -> dict:
     """Tensors to ``device``; floating-point ones to ``dtype`` too."""
     return {k: (v.to(device, dtype if v.is_floating_point() else None, non_blocking=True)
                 if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -203,15 +213,22 @@ def _to_device(batch: dict, device: torch.device, dtype: torch.dtype = torch.flo
 class Trainer:
     """Runs ``TrainStep`` over a dataset with the settings above.
 
+    What it needs of the model and the objective (nothing UMR-specific):
+
+    * ``model(img, eps_z, u_cam) -> out`` (a dict), ``model.latent_size`` (the size of
+      ``eps_z``) and ``model.trainable_parameters()``;
+    * ``objective(out, batch, epoch) -> (total, terms)``, and optionally
+      ``objective.trainable_parameters()`` (trained by the same optimiser, e.g. a
+      discriminator); ``objective.state_dict()`` goes into every checkpoint.
+
     Args:
         settings: :class:`TrainSettings`.
-        model: a :class:`umr.nets.MeshNet`; objective: its stage's objective (holding the
-            discriminator, whose parameters are trained by the same optimiser).
+        model, objective: as above (:class:`umr.nets.MeshNet` and :mod:`umr.objectives`).
         dataset: the training set (with ``set_epoch``); wrapped in :class:`SampleNoise` here.
         ctx: from :func:`umr.distributed.setup`.
         extra_state: a dict saved into every checkpoint (e.g. the flags).
         end_of_epoch: called as ``fn(trainer, epoch)`` after each epoch, before checkpointing
-            (stage 1's template update).
+            (stage 1's :class:`umr.objectives.TemplateUpdate`).
         validate: called as ``fn(model) -> {name: value}`` on the main process every
             ``val_freq`` iterations and at the end of the run (e.g. a
             :class:`umr.evaluation.Validator`); the numbers go to ``loss_log.jsonl`` (as
@@ -229,25 +246,22 @@ class Trainer:
             raise ValueError(f"--dtype must be float32 or float64, got {settings.dtype!r}")
         self.dtype = getattr(torch, settings.dtype)
         self.model, self.objective = model.to(ctx.device, self.dtype), objective.to(ctx.device, self.dtype)
-        # the ResNet's classifier is kept only for the checkpoint layout: never trained
-        for p in self.model.encoder.resnet_conv.resnet.fc.parameters():
-            p.requires_grad_(False)
         self.step_module = TrainStep(self.model, self.objective)
         if ctx.distributed:
             D.convert_batchnorm(self.step_module)
             self.step_module = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None
             )
-        self.dataset = SampleNoise(dataset, model.encoder.mean_fc[-1].out_features, settings.seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dataset = SampleNoise(dataset, model.latent_size, settings.seed)
+        params = list(self.model.trainable_parameters())
         # fused implementations: on CPU the default Adam step over the 85M parameters takes ~1 s
-        if settings.use_sgd:
+        if settings.use_sgd:  # SGD trains the model's parameters only
             self.optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.beta1, foreach=True)
         else:
-            disc = objective.discriminator
-            params += [p for p in (disc.parameters() if disc is not None else []) if p.requires_grad]
+            params += list(getattr(objective, "trainable_parameters", list)())
             self.optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(settings.beta1, 0.999),
                                               fused=True)
+        self.scheduler = InverseDecayLR(self.optimizer)
         self.run_dir = Path(settings.checkpoint_dir) / settings.name
         self.vis_dir = Path(settings.vis_dir) / settings.name
         self.extra_state = extra_state or {}
@@ -267,19 +281,18 @@ class Trainer:
         return self.run_dir / "pred_net_latest.pth"
 
     def state(self) -> dict:
-        disc = self.objective.discriminator
         return {
             "format": CHECKPOINT_FORMAT,
             "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
             "model_config": model_config(self.model),
-            "discriminator": disc.state_dict() if disc is not None else None,
+            "objective": {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in self.objective.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "iteration": self.iteration,
             "step": self.step,
             "finished": self.finished,
             "data_order": self.data_order(),
-            "previous_real": getattr(self.objective, "previous_real", None),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -296,9 +309,7 @@ class Trainer:
 
     def _state_is_finite(self) -> bool:
         tensors = list(self.model.state_dict().values())
-        disc = self.objective.discriminator
-        if disc is not None:
-            tensors += list(disc.state_dict().values())
+        tensors += [v for v in self.objective.state_dict().values() if isinstance(v, torch.Tensor)]
         for state in self.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
@@ -316,14 +327,19 @@ class Trainer:
 
     def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        disc = self.objective.discriminator
-        if disc is not None and state.get("discriminator") is not None:
-            disc.load_state_dict(state["discriminator"])
+        if "objective" in state:
+            self.objective.load_state_dict(state["objective"])
+        else:  # checkpoints written before objectives kept their own state
+            _restore_objective_v1(self.objective, state)
         self.optimizer.load_state_dict(state["optimizer"])
         self._check_data_order(state.get("data_order"))
         self.epoch, self.iteration, self.step = state["epoch"], state["iteration"], state["step"]
-        if state.get("previous_real") is not None and hasattr(self.objective, "previous_real"):
-            self.objective.previous_real = state["previous_real"].to(self.ctx.device, self.dtype)
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # the rule was applied from the step count alone
+            self.scheduler.last_epoch = self.step
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+                group["lr"] = lr
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
@@ -547,17 +563,18 @@ class Trainer:
             self.step_module.train()
             try:  # the bar is closed on any error, so that its message starts a line
                 for batch in loader:
-                    batch = _to_device(batch, self.ctx.device, self.dtype)
+                    batch = to_device(batch, self.ctx.device, self.dtype)
                     self.step += 1
-                    lr = s.learning_rate / (1 + 5e-4 * self.step)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                    lr = self.optimizer.param_groups[0]["lr"]
                     total, terms, out = self.step_module(batch, epoch)
                     self._check_finite(terms)
                     (total / s.optim_bs).backward()
                     if self.step % s.optim_bs == 0:
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
+                    with warnings.catch_warnings():  # between optimiser steps (optim_bs > 1) by design
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+                        self.scheduler.step()
                     self.iteration += 1
                     bar.update()
                     if self.step % max(1, s.print_freq) == 0 or self.iteration == total_batches:
@@ -600,40 +617,11 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def make_template_update(freq: int, jump: bool = False) -> Callable:
-    """Stage 1's template update (docs/method.md §10.3): after every ``freq``-th epoch, run the model (train
-    mode, no gradients) over that epoch's training batches and move the mean predicted
-    deformation (over all samples of all processes) into the template ``mean_v``.
-
-    By default the shape predictor's output bias gives the same amount back, so every predicted
-    shape stays where it was and only the split between template and deformation changes (the
-    deformation prior then sees the per-image deformations alone). ``jump`` (quirk
-    ``template_jump``): the original,
-    which added the deformation of the mean latent code (the mean deformation only while the
-    stage-1 shape MLP was affine, quirk Q5) and left the predictor as it was, so every predicted
-    shape jumped by that amount until the network re-adapted.
-    """
-
-    def update(trainer: Trainer, epoch: int) -> None:
-        if freq <= 0 or (epoch + 1) % freq:
-            return
-        model = trainer.model
-        model.train()
-        device = trainer.ctx.device
-        total = torch.zeros_like(model.mean_v if not jump else model.encoder.mean_fc[-1].bias, dtype=torch.float64)
-        count = torch.zeros(1, device=device, dtype=torch.float64)
-        with torch.no_grad():
-            for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
-                              disable=not trainer.ctx.is_main):
-                batch = _to_device(batch, device, model.mean_v.dtype)
-                out = model(batch["img"], batch["eps_z"], batch["u_cam"])
-                total += (out["noise"] if jump else out["delta_v"]).double().sum(0)
-                count += len(out["noise"])
-            mean = (D.all_reduce_sum(total) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
-            if jump:
-                model.mean_v += model.predict_offsets(mean[None])[0]
-            else:
-                model.mean_v += mean
-                model.shape_predictor.shift_output(-mean)
-
-    return update
+def _restore_objective_v1(objective: nn.Module, state: dict) -> None:
+    """Objective state of checkpoints that stored the discriminator and stage 2's previous real
+    batch under keys of their own."""
+    disc = getattr(objective, "discriminator", None)
+    if disc is not None and state.get("discriminator") is not None:
+        disc.load_state_dict(state["discriminator"])
+    if state.get("previous_real") is not None and hasattr(objective, "set_extra_state"):
+        objective.set_extra_state({"previous_real": state["previous_real"]})
