@@ -35,7 +35,7 @@ from umr.data.cub import CUBDataset
 from umr import renderer as R
 from umr.distributed import Context
 from umr.category import BIRDS
-from umr.nets import Discriminator, MeshNet
+from umr.nets import MeshNet
 from umr.objectives import ObjectiveConfig, Stage1Objective, Stage2Objective
 from umr.trainer import Trainer, TrainSettings, to_device
 
@@ -81,11 +81,11 @@ def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_heig
                     uv_channels=uv_channels)
     config = ObjectiveConfig.for_stage(stage, image_size=img_size, texture_loss="l1")
     if stage == 1:
-        objective = Stage1Objective(model, config, Discriminator(config.grl_wt, 1, img_size))
+        objective = Stage1Objective(model, config)
     else:
         labels = torch.randint(0, 5, (1280, 36), generator=torch.Generator().manual_seed(0))
         parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(BIRDS.part_names)}
-        objective = Stage2Objective(model, config, labels, parts, Discriminator(config.grl_wt, 3, img_size))
+        objective = Stage2Objective(model, config, labels, parts)
     settings = TrainSettings(batch_size=batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
                              vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)
     return Trainer(settings, model, objective, dataset, Context(0, 1, 0, DEVICE))

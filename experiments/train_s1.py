@@ -13,7 +13,6 @@ from absl import app
 from experiments import flags as F
 from experiments.common import build_dataset, build_model, build_validator, check_sizes, run_training, user_errors_exit
 from umr import distributed as D
-from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage1Objective, TemplateUpdate
 from umr.quirks import Quirks
 from umr.trainer import Trainer, TrainSettings, seed_everything
@@ -30,8 +29,7 @@ def main(_):
     dataset = build_dataset(FLAGS, FLAGS.split, use_scops=False)
     model = build_model(FLAGS, stage=1)
     config = ObjectiveConfig.from_flags(FLAGS, stage=1)
-    disc = Discriminator(config.grl_wt, 1, config.image_size) if config.use_gan else None
-    objective = Stage1Objective(model, config, disc)
+    objective = Stage1Objective(model, config)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
                       end_of_epoch=TemplateUpdate(FLAGS.update_template_freq, Quirks.from_flags(FLAGS).template_jump),

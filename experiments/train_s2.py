@@ -14,7 +14,6 @@ from experiments.common import (build_dataset, build_model, build_validator, che
                                 run_training, user_errors_exit)
 from umr import distributed as D
 from umr.losses import SemanticTemplate, check_part_vertices, face_sample_labels
-from umr.nets import Discriminator
 from umr.objectives import ObjectiveConfig, Stage2Objective
 from umr.quirks import Quirks
 from umr.trainer import Trainer, TrainSettings, seed_everything
@@ -39,8 +38,7 @@ def main(_):
     labels = face_sample_labels(template.seg, model.texture_predictor.uv_sampler, model.mesh,
                                 Quirks.from_flags(FLAGS).q10_rounded_labels)
     config = ObjectiveConfig.from_flags(FLAGS, stage=2)
-    disc = Discriminator(config.grl_wt, 3, config.image_size) if config.use_gan else None
-    objective = Stage2Objective(model, config, labels, template.vertices, disc, dataset.category)
+    objective = Stage2Objective(model, config, labels, template.vertices, category=dataset.category)
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()},
                       validate=build_validator(FLAGS, ctx.device))

@@ -49,3 +49,19 @@ def synth_set(tmp_path_factory):
         return made[key]
 
     return make
+
+
+def stage2_batch(size: int, batch: int, seed: int = 1) -> dict:
+    """A random stage-2 training batch of the bird category (every key the objective and the
+    trainer's noise read), with a box-shaped mask, drawn from ``seed``."""
+    from umr.category import BIRDS
+
+    g = torch.Generator().manual_seed(seed)
+    data = {"img": torch.rand(batch, 3, size, size, generator=g), "mask": torch.zeros(batch, size, size),
+            "mask_dt": torch.rand(batch, size, size, generator=g),
+            "part_prob": torch.rand(batch, 5, size, size, generator=g),
+            "eps_z": torch.randn(batch, 350, generator=g), "u_cam": torch.rand(batch, generator=g),
+            "gan_angle": torch.randint(0, 180, (batch,), generator=g).float(),
+            **{f"{p}_points": torch.rand(batch, 10, 2, generator=g) - 0.5 for p in BIRDS.part_names}}
+    data["mask"][:, size // 4 : 3 * size // 4, size // 6 : size - size // 6] = 1
+    return data

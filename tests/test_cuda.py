@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cuda_ready
+from conftest import cuda_ready, stage2_batch
 from test_rasterizer import UMR, random_faces, random_textures
 from umr.category import BIRDS
 from umr.renderer import RasterSettings, soft_rasterize
@@ -77,14 +77,8 @@ def test_a_stage2_training_step_on_cuda_matches_the_cpu():
     torch.manual_seed(0)
     model = MeshNet(stage=2, img_size=size, pretrained_encoder=False, uv_height=16, uv_channels=32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    data = {"img": torch.rand(batch, 3, size, size, generator=g), "mask": torch.zeros(batch, size, size),
-            "mask_dt": torch.rand(batch, size, size, generator=g),
-            "part_prob": torch.rand(batch, 5, size, size, generator=g),
-            "eps_z": torch.randn(batch, 350, generator=g), "u_cam": torch.rand(batch, generator=g),
-            "gan_angle": torch.randint(0, 180, (batch,), generator=g).float(),
-            **{f"{p}_points": torch.rand(batch, 10, 2, generator=g) - 0.5 for p in BIRDS.part_names}}
-    data["mask"][:, 16:48, 10:54] = 1
+    data = stage2_batch(size, batch)
+    g = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 5, (1280, 36), generator=g)
     parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
     totals, grads = [], []

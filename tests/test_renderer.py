@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import stage2_batch
 from umr import mesh as M
 from umr.geometry import axis_angle_to_quat, sample_textures
 from umr.renderer import SoftRenderer, face_pixel_centers, make_renderer, project_points
@@ -249,14 +250,8 @@ def test_a_training_step_runs_on_the_reference_renderer_behind_the_same_contract
     model = MeshNet(stage=2, img_size=size, pretrained_encoder=False, uv_height=16, uv_channels=32, subdivide=2,
                     num_hypo_cams=2).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    data = {"img": torch.rand(batch, 3, size, size, generator=g), "mask": torch.zeros(batch, size, size),
-            "mask_dt": torch.rand(batch, size, size, generator=g),
-            "part_prob": torch.rand(batch, 5, size, size, generator=g),
-            "eps_z": torch.randn(batch, 350, generator=g), "u_cam": torch.rand(batch, generator=g),
-            "gan_angle": torch.randint(0, 180, (batch,), generator=g).float(),
-            **{f"{p}_points": torch.rand(batch, 10, 2, generator=g) - 0.5 for p in BIRDS.part_names}}
-    data["mask"][:, 16:48, 10:54] = 1
+    data = stage2_batch(size, batch)
+    g = torch.Generator().manual_seed(2)
     labels = torch.randint(0, 5, (len(model.faces), 36), generator=g)
     parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
     results = []

@@ -1,10 +1,13 @@
 """The per-iteration training objectives of both stages (docs/method.md §10.2, docs/method.md §12.2).
 
 Every objective is called as ``objective(out, batch, epoch) -> (total, terms)`` (``out`` the
-model's outputs, ``terms`` the named, weighted loss terms), owns its renderer and regularisers,
-lists what the optimiser trains besides the model (:meth:`_Objective.trainable_parameters`: the
-discriminator) and keeps its own state in ``state_dict()`` (the discriminator, and stage 2's
-previous real batch), which the trainer saves in every checkpoint. Gradient routing (docs/method.md §8): the texture branch sees the geometry as
+model's outputs, ``terms`` the named, weighted loss terms). It owns its renderer and its
+discriminator (both built from the configuration unless passed in), lists what the optimiser
+trains besides the model (``trainable_parameters()``: the discriminator) and keeps its state in
+``state_dict()`` (the discriminator, and stage 2's previous real batch), which the trainer saves
+in every checkpoint.
+
+Gradient routing (docs/method.md §8): the texture branch sees the geometry as
 detached; by default the predicted silhouette that masks the rendered texture is detached too,
 so texture losses never move shape or camera (the original let them through it: quirk
 ``q4_texture_moves_geometry`` restores that).
@@ -88,9 +91,13 @@ def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
 
 
 class _Objective(nn.Module):
+    gan_channels = 1  # what the discriminator sees: silhouettes (1) or RGB images (3)
+
     def __init__(self, model: MeshNet, config: ObjectiveConfig, discriminator: Optional[Discriminator],
                  renderer: Optional[Renderer]):
         super().__init__()
+        if config.use_gan and discriminator is None:  # built first: its initialisation draws from torch's RNG
+            discriminator = Discriminator(config.grl_wt, self.gan_channels, config.image_size)
         self.config = config
         self.axis = model.axis  # the template's symmetry axis (orientation prior)
         faces = model.mesh.faces
@@ -103,8 +110,6 @@ class _Objective(nn.Module):
         if self.renderer.image_size != config.image_size:
             raise ValueError(f"the renderer draws {self.renderer.image_size} px but --image_size is {config.image_size}")
         self.texture_distance = L.make_texture_distance(config.texture_loss)
-        if config.use_gan and discriminator is None:
-            raise ValueError("use_gan needs a discriminator")
         self.discriminator = discriminator if config.use_gan else None
 
     # Fixed modules rebuilt at construction (the perceptual network's weights come from their
@@ -231,6 +236,8 @@ class TemplateUpdate:
 class Stage2Objective(_Objective):
     """docs/method.md §12.2: multi-hypothesis silhouette, camera entropy, smoothness, deformation, texture
     (per hypothesis), RGB GAN, part matching and vertex correspondence losses."""
+
+    gan_channels = 3
 
     def __init__(
         self,

@@ -574,6 +574,7 @@ class Trainer:
                         self.optimizer.zero_grad(set_to_none=True)
                     with warnings.catch_warnings():  # between optimiser steps (optim_bs > 1) by design
                         warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step\\(\\)` before")
+                        warnings.filterwarnings("ignore", "Seems like `optimizer.step\\(\\)` has been overridden")
                         self.scheduler.step()
                     self.iteration += 1
                     bar.update()
