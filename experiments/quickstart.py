@@ -59,6 +59,7 @@ flags.DEFINE_integer("num_train", None, "Synthetic training photos (default: the
 flags.DEFINE_integer("s1_epochs", None, "Stage-1 epochs (default: the recipe's).")
 flags.DEFINE_integer("s2_iters", None, "Stage-2 iterations (default: the recipe's).")
 flags.DEFINE_integer("number_pairs", None, "Keypoint-transfer pairs of the evaluation (default: the recipe's).")
+flags.DEFINE_enum("vertex_loss", "umr", ["umr", "visible"], "Stage 2's vertex correspondence loss (train_s2 --vertex_loss).")
 flags.DEFINE_string("device", "auto", "auto, cpu or cuda.")
 flags.DEFINE_integer("n_data_workers", 1, "DataLoader workers of every step.")
 FLAGS = flags.FLAGS
@@ -150,7 +151,7 @@ def main(_):
                               f"--out_dir={stemp}", "--batch_size=16", "--texture_loss=l1", "--uv_source=render")
     train("stage 2", "experiments.train_s2", s2_name, f"--scops_path={data / 'scops'}", f"--stemp_path={stemp}",
           f"--batch_size={recipe['s2_batch']}", "--num_epochs=100000", f"--num_iter={recipe['s2_iters']}",
-          f"--init_from={s1 / 'pred_net_latest.pth'}", "--learning_rate=1e-4")
+          f"--init_from={s1 / 'pred_net_latest.pth'}", "--learning_rate=1e-4", f"--vertex_loss={FLAGS.vertex_loss}")
     model = snapshots / s2_name / "pred_net_latest.pth"
     eval_flags = [*data_flags, f"--model_path={model}", "--split=test", "--batch_size=16"]
     times["test_iou"] = run("mask IoU", "experiments.test_iou", *eval_flags)

@@ -187,6 +187,117 @@ def test_vertex_correspondence_chooses_the_semantically_right_hypothesis(birds, 
         assert logits.grad is None
 
 
+def mirror_through_image_plane(cams):
+    """The cameras R' = M R S (M: depth flipped, S: the template's left/right mirror, axis 1),
+    which project every point of a left/right-symmetric point set where R projects its twin."""
+    from umr.geometry import matrix_to_quat, quat_to_matrix
+
+    flip_depth = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))
+    mirror = torch.diag(torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64))
+    rot = flip_depth @ quat_to_matrix(cams[:, 3:].double()) @ mirror
+    return torch.cat([cams[:, :3], matrix_to_quat(rot).to(cams)], dim=-1)
+
+
+def symmetric_bird(device):
+    """A mirror-symmetric bird-like template (an ellipsoid, the head at its front top) with its
+    four parts by direction, and three cameras seen from above, from below and from the front."""
+    from umr.mesh import symmetric_template
+
+    mesh = symmetric_template()
+    verts = torch.from_numpy(mesh.verts).float() * torch.tensor([0.8, 0.45, 0.5])
+    x, z = verts[:, 0], verts[:, 2]
+    label = torch.where(x > 0.45, 0, torch.where(x > 0.3, 1, torch.where(z > 0, 2, 3)))  # head, neck, back, belly
+    parts = {p: torch.nonzero(label == i)[:, 0].to(device) for i, p in enumerate(BIRDS.part_names)}
+    side = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # bird x → image x, bird z → image up
+    side[0, 0] = 1.0
+    cams = []
+    for elevation, azimuth in ((40.0, 20.0), (-35.0, -30.0), (15.0, -75.0)):
+        e, a = math.radians(elevation), math.radians(azimuth)
+        rx = torch.tensor([[1, 0, 0], [0, math.cos(e), -math.sin(e)], [0, math.sin(e), math.cos(e)]])
+        rz = torch.tensor([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+        from umr.geometry import matrix_to_quat
+
+        cams.append(torch.cat([torch.tensor([0.9, 0.05, -0.02]), matrix_to_quat((rx @ side @ rz).double()).float()]))
+    return verts.to(device), torch.from_numpy(mesh.faces).to(device), parts, torch.stack(cams).to(device)
+
+
+def test_vertex_loss_sees_a_pose_and_its_mirror_image_alike_unless_visible_only(device):
+    """Under orthographic projection a camera and its mirror image through the image plane
+    project a symmetric template's parts to the same places, so UMR's vertex loss (every part
+    vertex) cannot tell the bird seen from above from the bird seen from below (or the front from
+    the back); counting only the vertices a hypothesis' render shows can."""
+    from umr.renderer import point_visibility, project_points
+
+    verts, faces, parts, cams = symmetric_bird(device)
+    twins = mirror_through_image_plane(cams)
+    renderer = make_renderer(SIZE)
+    both = torch.stack([cams, twins], dim=1)  # (B, 2, 7): hypothesis 0 the truth, 1 its mirror
+    B = len(cams)
+    depth = renderer(verts[None].expand(2 * B, -1, -1), faces, both.reshape(2 * B, 7)).depth
+    visible = point_visibility(verts[None].expand(2 * B, -1, -1), both.reshape(2 * B, 7), depth,
+                               renderer.depth_offset).view(B, 2, -1)
+    # the image's part points: where the truth shows each part
+    shown = visible[:, 0]
+    projected = project_points(verts[None].expand(B, -1, -1), cams)
+    points = {}
+    for part, index in parts.items():
+        rows = [projected[b, index[shown[b, index]]] for b in range(B)]
+        assert min(len(r) for r in rows) >= 3, part  # every part shows in every view
+        count = max(len(r) for r in rows)  # every shown vertex is a point (repeated to fill the rows)
+        points[part] = torch.stack([r[torch.arange(count, device=device) % len(r)] for r in rows])
+    one = torch.tensor([[1.0, 0.0]], device=device).expand(B, -1)
+    other = torch.tensor([[0.0, 1.0]], device=device).expand(B, -1)
+    weights = {p: 1.0 for p in parts}
+    for b in range(B):
+        args = dict(template=verts, part_vertices=parts, hypotheses=both[b : b + 1], part_points={p: v[b : b + 1] for p, v in points.items()}, weights=weights)
+        true = L.vertex_correspondence_loss(probs=one[b : b + 1], **args)
+        twin = L.vertex_correspondence_loss(probs=other[b : b + 1], **args)
+        torch.testing.assert_close(true, twin, rtol=1e-4, atol=1e-6)  # UMR's loss: blind
+        true = L.vertex_correspondence_loss(probs=one[b : b + 1], visible=visible[b : b + 1], **args)
+        twin = L.vertex_correspondence_loss(probs=other[b : b + 1], visible=visible[b : b + 1], **args)
+        assert float(true) < 1e-6 < float(twin) / 10  # visible only: the truth fits, its mirror does not
+    # a hypothesis that hides a part is charged all of that part's vertices, not nothing
+    hidden = visible.clone()
+    hidden[:, :, parts["head"]] = False
+    masked = L.vertex_correspondence_loss(verts, parts, both, one, points, weights, visible=hidden)
+    assert masked > L.vertex_correspondence_loss(verts, parts, both, one, points, weights, visible=visible)
+
+
+def test_stage2_visible_vertex_loss_counts_what_each_hypothesis_shows(birds):
+    """--vertex_loss visible: the objective's vertex term is the loss over the vertices each
+    hypothesis' own render shows, every part weighted equally; it trains the camera heads and
+    the probabilities."""
+    from umr.renderer import point_visibility
+
+    batch = birds["batch"]
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    labels = torch.randint(0, 5, (1280, 36))
+    parts = symmetric_bird("cpu")[2]  # template vertices of each part
+    terms = {}
+    for mode in ("umr", "visible"):
+        config = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1", use_gan=False, vertex_loss=mode)
+        objective = Stage2Objective(model, config, labels, parts)
+        model.zero_grad()
+        out = model(batch["img"], torch.zeros(3, 350), torch.full((3,), 0.5))
+        _, terms[mode] = objective(out, batch, 0)
+        terms[mode]["vertex"].backward()
+        heads = model.cam_predictor.camera_predictor
+        assert all(h.quat_predictor.pred_layer.weight.grad.abs().sum() > 0 for h in heads)
+        assert all(h.prob_predictor.weight.grad.abs().sum() > 0 for h in heads)
+    B, K = out["cam_probs"].shape
+    verts = out["verts"].detach().repeat_interleave(K, dim=0)
+    cams = out["cam_hypotheses"].detach().reshape(B * K, 7)
+    renderer = make_renderer(SIZE)
+    visible = point_visibility(verts, cams, renderer(verts, model.faces, cams).depth, renderer.depth_offset)
+    points = {p: batch[f"{p}_points"] for p in parts}
+    template = model.get_mean_shape()
+    expected = L.vertex_correspondence_loss(template, parts, out["cam_hypotheses"], out["cam_probs"], points,
+                                            {p: 1.0 for p in parts}, visible=visible.view(B, K, -1))
+    torch.testing.assert_close(terms["visible"]["vertex"], 10.0 * expected)
+    assert not torch.allclose(terms["visible"]["vertex"], terms["umr"]["vertex"])
+
+
 def test_face_sample_labels_nearest_vs_compat_rounding():
     from umr.mesh import symmetric_template
     from umr.nets import TexturePredictorUV

@@ -16,7 +16,7 @@ from umr.category import BIRDS
 from umr.conventions import ALIGN_CORNERS, pixel_index, to_pixels
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
 from umr.losses import soft_iou
-from umr.renderer import face_pixel_centers
+from umr.renderer import face_pixel_centers, point_visibility
 
 __all__ = [
     "keypoint_heatmaps",
@@ -29,7 +29,6 @@ __all__ = [
     "sample_surface",
     "chamfer_fscore",
     "oracle_texture_flow",
-    "point_visibility",
     "view_space",
     "rotation_of",
     "predict",
@@ -223,26 +222,6 @@ def view_space(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     view = orthographic_proj_withz(verts, cam)
     depth_mean = view[..., 2:].mean(1, keepdim=True)
     return view - torch.cat([torch.zeros_like(depth_mean).expand(-1, -1, 2), depth_mean], dim=-1)
-
-
-def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tensor, z_offset: float,
-                     tol: float = 0.03) -> torch.Tensor:
-    """Which points (N, P, 3) a render's z-buffer ``depth`` (N, S, S; +inf on background) shows.
-
-    A point is visible when it is no deeper than the surface at its pixel, within ``tol`` times
-    the camera scale. On a silhouette's edge (its pixel is background) the nearest surface among
-    the 3 x 3 neighbours counts instead. ``z_offset``: the ``depth_offset`` of the renderer that made ``depth``.
-    """
-    size = depth.shape[-1]
-    proj = orthographic_proj_withz(points, cam, z_offset)
-    cols, rows = pixel_index(proj[..., 0], size), pixel_index(proj[..., 1], size)
-    batch = torch.arange(len(points), device=points.device)[:, None]
-    own = depth[batch, rows, cols]
-    padded = F.pad(depth, (1, 1, 1, 1), value=math.inf)
-    neighbours = torch.stack([padded[batch, rows + 1 + dr, cols + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
-    reference = torch.where(torch.isfinite(own), own, neighbours.min(0).values)
-    inside = (proj[..., 0].abs() <= 1) & (proj[..., 1].abs() <= 1)
-    return inside & (proj[..., 2] <= reference + tol * cam[:, None, 0])
 
 
 def oracle_texture_flow(verts: torch.Tensor, faces: torch.Tensor, cam: torch.Tensor, tex_size: int = 6) -> torch.Tensor:

@@ -36,6 +36,7 @@ __all__ = [
     "gan_loss",
     "PartMatchingLoss",
     "vertex_correspondence_loss",
+    "vertex_correspondence_terms",
     "SemanticTemplate",
     "SemanticTemplateError",
     "check_part_vertices",
@@ -336,34 +337,67 @@ def vertex_correspondence_loss(
     part_points: dict,
     weights: Optional[dict] = None,
     train_probs: bool = True,
+    visible: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Chamfer from projected template part vertices to the sampled part points (docs/method.md §8.9).
+    """Chamfer from projected template part vertices to the sampled part points (docs/method.md §8.9):
+    ``mean_b Σ_k p_bk ℓ_bk`` with ℓ from :func:`vertex_correspondence_terms` (the arguments'
+    meaning is there).
+
+    train_probs: the probabilities get this loss's gradient, so semantic consistency also
+    chooses among the hypotheses (as the silhouette loss does), not only moves them; False
+    detaches them, as the original (the probabilities then see silhouettes only).
+    """
+    per_row = vertex_correspondence_terms(template, part_vertices, hypotheses, part_points, weights, visible)
+    return ((probs if train_probs else probs.detach()) * per_row).sum(1).mean()
+
+
+def vertex_correspondence_terms(
+    template: torch.Tensor,
+    part_vertices: dict,
+    hypotheses: torch.Tensor,
+    part_points: dict,
+    weights: Optional[dict] = None,
+    visible: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The vertex correspondence loss ℓ (B, K) of every camera hypothesis.
 
     Args:
         template: (V, 3) the template T̄ (not the deformed mesh).
         part_vertices: {part: (n_part,) vertex indices}.
-        hypotheses: (B, K, 7) cameras (gradients flow to them); probs: (B, K).
+        hypotheses: (B, K, 7) cameras (gradients flow to them).
         part_points: {part: (B, m_part, 2)} sampled image points.
         weights: per part (a part not named weighs 0); default the birds' ``vertex_loss_weights``
             (head 1, belly 1, neck 0, back 0). Points are matched by part name (the original passed neck and back swapped, harmless with these weights: Q26).
-        train_probs: the probabilities get this loss's gradient, so semantic consistency also
-            chooses among the hypotheses (as the silhouette loss does), not only moves them;
-            False detaches them, as the original (the probabilities then see silhouettes only).
+        visible: None (UMR's loss), or (B, K, V) bool: which vertices each hypothesis' render
+            shows. Then only those count: each part's term is the mean over its visible
+            vertices (over all of them where the hypothesis hides the whole part, so hiding a
+            part earns nothing), and the parts' terms are averaged with ``weights``. Without
+            it, every vertex counts, and under orthographic projection a camera and its mirror
+            image through the image plane (seen from above / from below, from the front / from
+            behind) project a mirror-symmetric template's parts identically: the loss cannot
+            tell them apart (docs/method.md §8.9).
     Returns:
-        ``mean_b Σ_k p_bk ℓ_bk`` with ``ℓ_bk = Σ_parts w Σ_vertices min_point d² / Σ_parts n``.
+        UMR: ``ℓ_bk = Σ_parts w Σ_vertices min_point d² / Σ_parts n``; with ``visible``:
+        ``ℓ_bk = Σ_parts w mean_visible min_point d² / Σ_parts w``.
     """
     weights = BIRDS.vertex_loss_weights if weights is None else weights
-    B, K = probs.shape
+    B, K = hypotheses.shape[:2]
     cams = hypotheses.reshape(B * K, 7)
     total, count = hypotheses.new_zeros(B * K), 0
     for part, index in part_vertices.items():
-        count += len(index)
-        if weights.get(part, 0.0) == 0 or len(index) == 0:
+        weight = weights.get(part, 0.0)
+        count += len(index) if visible is None else weight
+        if weight == 0 or len(index) == 0:
             continue
-        verts = template[index.to(template.device)][None].expand(B * K, -1, -1)
+        index = index.to(template.device)
+        verts = template[index][None].expand(B * K, -1, -1)
         projected = project_points(verts, cams)  # (BK, n, 2)
         points = part_points[part].repeat_interleave(K, dim=0)  # (BK, m, 2)
         d2 = torch.cdist(projected, points).pow(2).min(-1).values  # (BK, n)
-        total = total + weights[part] * d2.sum(-1)
-    per_row = (total / max(count, 1)).view(B, K)
-    return ((probs if train_probs else probs.detach()) * per_row).sum(1).mean()
+        if visible is None:
+            total = total + weight * d2.sum(-1)
+        else:
+            shown = visible.reshape(B * K, -1)[:, index].to(d2.dtype)
+            shown = torch.where(shown.sum(-1, keepdim=True) > 0, shown, torch.ones_like(shown))
+            total = total + weight * (d2 * shown).sum(-1) / shown.sum(-1)
+    return (total / (count if count > 0 else 1)).view(B, K)

@@ -32,7 +32,7 @@ from umr.geometry import rotate_cam, sample_textures
 from umr.mesh import FlattenLoss, LaplacianLoss
 from umr.nets import Discriminator, MeshNet
 from umr.quirks import Quirks
-from umr.renderer import RENDERER_BACKENDS, Renderer, make_renderer
+from umr.renderer import RENDERER_BACKENDS, Renderer, make_renderer, point_visibility
 
 __all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective", "TemplateUpdate"]
 
@@ -66,6 +66,12 @@ class ObjectiveConfig:
     ent_loss_wt: float = option(0.05, "Camera-probability entropy weight (minimised).", stages=(2,), lower_bound=0.0)
     prob_loss_wt: float = option(5.0, "Part matching loss weight.", stages=(2,), lower_bound=0.0)
     vertex_loss_wt: float = option(10.0, "Vertex correspondence loss weight.", stages=(2,), lower_bound=0.0)
+    vertex_loss: str = option("umr", "Which template vertices the vertex correspondence loss pulls to their part's "
+                              "points. umr: every vertex of the parts the category weighs (birds: head and belly), "
+                              "as the original; blind to a camera's mirror image through the image plane (seen from "
+                              "above or from below). visible: only the vertices each hypothesis' render shows, every "
+                              "part weighted equally (mean per part), which tells those poses apart.",
+                              stages=(2,), choices=("umr", "visible"))
     renderer: str = option("kernel", "Rasterizer behind the training renders: the C++/CUDA kernels, or the dense "
                            "PyTorch reference (same numbers, far slower; for checking the kernels).",
                            choices=tuple(RENDERER_BACKENDS))
@@ -305,7 +311,12 @@ class Stage2Objective(_Objective):
         part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.quirks.q17_no_epsilon)
         terms["part"] = c.prob_loss_wt * self.part_loss(verts, faces, cam_s, part_maps)
         points = {p: batch[f"{p}_points"] for p in self.part_vertices}
+        weights, visible = self.vertex_loss_weights, None
+        if c.vertex_loss == "visible":
+            weights = {p: 1.0 for p in self.part_vertices}
+            visible = point_visibility(verts.detach().repeat_interleave(K, dim=0), hyps.detach().reshape(B * K, 7),
+                                       render.depth, self.renderer.depth_offset).view(B, K, -1)
         terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(template, self.part_vertices, hyps, probs, points,
-                                                                          self.vertex_loss_weights,
-                                                                          train_probs=not c.quirks.detached_probs)
+                                                                          weights, train_probs=not c.quirks.detached_probs,
+                                                                          visible=visible)
         return sum(terms.values()), terms

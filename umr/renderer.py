@@ -17,6 +17,7 @@ projected coordinates, so row r of a render lies over row r of the input image.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from umr.conventions import ALIGN_CORNERS, pixel_positions, raster_size
+from umr.conventions import ALIGN_CORNERS, pixel_index, pixel_positions, raster_size
 from umr.geometry import orthographic_proj, orthographic_proj_withz
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "RENDERER_PRESETS",
     "make_renderer",
     "project_points",
+    "point_visibility",
     "face_pixel_centers",
     "gather_face_vertices",
 ]
@@ -234,6 +236,26 @@ def gather_face_vertices(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tens
         return verts[:, faces]
     batch_index = torch.arange(verts.shape[0], device=verts.device)[:, None, None]
     return verts[batch_index, faces]
+
+
+def point_visibility(points: torch.Tensor, cam: torch.Tensor, depth: torch.Tensor, z_offset: float,
+                     tol: float = 0.03) -> torch.Tensor:
+    """Which points (N, P, 3) a render's z-buffer ``depth`` (N, S, S; +inf on background) shows.
+
+    A point is visible when it is no deeper than the surface at its pixel, within ``tol`` times
+    the camera scale. On a silhouette's edge (its pixel is background) the nearest surface among
+    the 3 x 3 neighbours counts instead. ``z_offset``: the ``depth_offset`` of the renderer that made ``depth``.
+    """
+    size = depth.shape[-1]
+    proj = orthographic_proj_withz(points, cam, z_offset)
+    cols, rows = pixel_index(proj[..., 0], size), pixel_index(proj[..., 1], size)
+    batch = torch.arange(len(points), device=points.device)[:, None]
+    own = depth[batch, rows, cols]
+    padded = F.pad(depth, (1, 1, 1, 1), value=math.inf)
+    neighbours = torch.stack([padded[batch, rows + 1 + dr, cols + 1 + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)])
+    reference = torch.where(torch.isfinite(own), own, neighbours.min(0).values)
+    inside = (proj[..., 0].abs() <= 1) & (proj[..., 1].abs() <= 1)
+    return inside & (proj[..., 2] <= reference + tol * cam[:, None, 0])
 
 
 def face_pixel_centers(face_index: torch.Tensor, num_faces: int, align_corners: bool = ALIGN_CORNERS,

@@ -48,7 +48,8 @@ from PIL import Image
 from umr import mesh as M
 from umr.category import BIRDS
 from umr.conventions import to_pixels
-from umr.evaluation import point_visibility, sample_surface
+from umr.evaluation import sample_surface
+from umr.renderer import point_visibility
 from umr.geometry import matrix_to_quat
 from umr.renderer import make_renderer
 
