@@ -26,7 +26,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import default_collate
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from umr.category import BIRDS
-from umr.conventions import ALIGN_CORNERS, pixel_index, to_pixels
+from umr.conventions import ALIGN_CORNERS, to_pixels
 from umr.geometry import matrix_to_quat, orthographic_proj, orthographic_proj_withz, quat_geodesic_angle, quat_to_matrix
 from umr.losses import soft_iou
 from umr.renderer import face_pixel_centers, point_visibility

@@ -49,9 +49,8 @@ from umr import mesh as M
 from umr.category import BIRDS
 from umr.conventions import to_pixels
 from umr.evaluation import sample_surface
-from umr.renderer import point_visibility
 from umr.geometry import matrix_to_quat
-from umr.renderer import make_renderer
+from umr.renderer import make_renderer, point_visibility
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 NUM_SPECIES = 12
