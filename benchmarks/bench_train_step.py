@@ -13,7 +13,7 @@ and train_s2 iteration at 64 px, batch 16 (the quick-start's setting). ``--uv_he
 ``--uv_channels`` size the texture-flow network as the training flags of the same names.
 
     python -m benchmarks.bench_train_step [--iters 6] [--img_size 128] [--batch_size 8] [--no_64]
-        [--uv_height 32 --uv_channels 64] [--device cpu|cuda]
+        [--uv_height 32 --uv_channels 64] [--device cpu|cuda] [--amp] [--nochannels_last]
 
 On CUDA every timed span waits for the device (``torch.cuda.synchronize``), so the shares are
 of device time too, and the JSON adds ``peak_gpu_mem_gib``.
@@ -69,7 +69,8 @@ class Clock:
         return timed
 
 
-def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_height=None, uv_channels=256) -> Trainer:
+def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_height=None, uv_channels=256,
+                 amp: bool = False, channels_last: bool = True) -> Trainer:
     """A trainer of ``stage`` on the synthetic set in ``work`` with every loss on (texture loss l1)."""
     dataset = CUBDataset(work / "CUB_200_2011", work / "cachedir" / "cub", img_size=img_size,
                          scops_path=work / "scops" if stage == 2 else None)
@@ -87,7 +88,8 @@ def make_trainer(stage: int, work: Path, img_size: int, batch_size: int, uv_heig
         parts = {p: torch.arange(40 * i, 40 * i + 40) for i, p in enumerate(BIRDS.part_names)}
         objective = Stage2Objective(model, config, labels, parts)
     settings = TrainSettings(batch_size=batch_size, n_data_workers=0, checkpoint_dir=str(work / "snap"),
-                             vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0)
+                             vis_dir=str(work / "vis"), display_freq=0, save_latest_freq=0, amp=amp,
+                             channels_last=channels_last)
     return Trainer(settings, model, objective, dataset, Context(0, 1, 0, DEVICE))
 
 
@@ -117,6 +119,8 @@ def main():
     parser.add_argument("--uv_channels", type=int, default=256, help="texture-flow decoder channels (UMR's 256)")
     parser.add_argument("--no_64", action="store_true", help="skip the 64-px stage-1 / stage-2 timings")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for the networks (train_s1/s2 --amp)")
+    parser.add_argument("--nochannels_last", action="store_true", help="convolutions in the default (NCHW) layout")
     args = parser.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
@@ -126,7 +130,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="umr_bench_"))
     synth_birds.generate(work, seed=0, photo_size=256, workers=1, progress=False,
                          num_train=max(args.batch_size, 16) * (args.iters + 2), num_val=0, num_test=0)
-    arch = {"uv_height": args.uv_height or None, "uv_channels": args.uv_channels}
+    arch = {"uv_height": args.uv_height or None, "uv_channels": args.uv_channels, "amp": args.amp,
+            "channels_last": not args.nochannels_last}
     quick = {}
     if not args.no_64:
         for stage in (1, 2):
@@ -204,6 +209,8 @@ def main():
         **quick,
         "uv_height": model.texture_predictor.uv_height,
         "uv_channels": args.uv_channels,
+        "amp": args.amp,
+        "channels_last": not args.nochannels_last,
         "threads": torch.get_num_threads(),
         "device": str(DEVICE) if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE),
         **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(DEVICE) / 2**30, 3)}

@@ -60,6 +60,7 @@ flags.DEFINE_integer("s1_epochs", None, "Stage-1 epochs (default: the recipe's).
 flags.DEFINE_integer("s2_iters", None, "Stage-2 iterations (default: the recipe's).")
 flags.DEFINE_integer("number_pairs", None, "Keypoint-transfer pairs of the evaluation (default: the recipe's).")
 flags.DEFINE_enum("vertex_loss", "umr", ["umr", "visible"], "Stage 2's vertex correspondence loss (train_s2 --vertex_loss).")
+flags.DEFINE_bool("amp", False, "Train with bfloat16 autocast for the networks (train_s1/s2 --amp).")
 flags.DEFINE_string("device", "auto", "auto, cpu or cuda.")
 flags.DEFINE_integer("n_data_workers", 1, "DataLoader workers of every step.")
 FLAGS = flags.FLAGS
@@ -119,7 +120,8 @@ def main(_):
     train_flags = [*data_flags, *net_flags, f"--checkpoint_dir={snapshots}", f"--vis_dir={visuals}",
                    "--nopretrained_encoder", "--texture_loss=l1", "--tex_cycle_loss_wt=10",
                    "--logvar_init=-6", f"--save_latest_freq={250 if long else 0}",
-                   f"--display_freq={500 if long else 50}", f"--val_freq={250 if long else 100}"]
+                   f"--display_freq={500 if long else 50}", f"--val_freq={250 if long else 100}",
+                   *(["--amp"] if FLAGS.amp else [])]
     times = {}
     if (data / "README.txt").is_file():
         print(f"quickstart: reusing the synthetic set in {data}")

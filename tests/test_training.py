@@ -356,3 +356,119 @@ def test_objectives_keep_their_own_state():
     assert [id(p) for p in fresh.trainable_parameters()] == [id(p) for p in fresh.discriminator.parameters()]
     with pytest.raises(RuntimeError, match="unexpected"):
         fresh.load_state_dict({**state, "stray": torch.zeros(1)})
+
+
+def test_amp_runs_the_networks_in_bfloat16_and_renders_in_float32(device):
+    """--amp: the model's matrix products run in bfloat16, everything the objective (renderer,
+    rasterizer, losses) receives is float32, parameters and gradients stay float32; without it
+    the step is the plain float32 one."""
+    from conftest import stage2_batch
+    from umr.category import BIRDS
+    from umr.nets import MeshNet
+    from umr.objectives import ObjectiveConfig, Stage2Objective
+
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32).to(device).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    labels = torch.randint(0, 5, (len(model.faces), 36), generator=torch.Generator().manual_seed(2))
+    parts = {p: torch.arange(i * 10, i * 10 + 10) for i, p in enumerate(BIRDS.part_names)}
+    config = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1", use_gan=False)
+    objective = Stage2Objective(model, config, labels, parts).to(device)
+    batch = {k: v.to(device) for k, v in stage2_batch(SIZE, 4).items()}
+
+    seen = {}
+    model.texture_predictor.enc.register_forward_hook(lambda m, i, o: seen.__setitem__("network", o.dtype))
+    render = objective.renderer.forward
+
+    def recording_render(verts, faces, cam, *args, **kwargs):
+        seen.setdefault("render", set()).update(t.dtype for t in (verts, cam, *args) if torch.is_tensor(t))
+        return render(verts, faces, cam, *args, **kwargs)
+
+    objective.renderer.forward = recording_render
+    totals = {}
+    for amp in (False, True):
+        model.load_state_dict(state)
+        seen.clear()
+        total, terms, out = T.TrainStep(model, objective, amp=amp)(batch, 0)
+        model.zero_grad()
+        total.backward()
+        assert seen["network"] == (torch.bfloat16 if amp else torch.float32)
+        assert seen["render"] == {torch.float32}
+        assert all(v.dtype == torch.float32 for v in out.values() if v.is_floating_point())
+        assert all(p.dtype == torch.float32 and torch.isfinite(p.grad).all()
+                   for p in model.parameters() if p.grad is not None)
+        totals[amp] = total.detach()
+    model.load_state_dict(state)
+    plain = model(batch["img"], batch["eps_z"], batch["u_cam"])
+    assert torch.equal(objective(plain, batch, 0)[0].detach(), totals[False])
+
+
+def test_amp_networks_follow_float32_within_bfloat16_precision():
+    """The stage-1 networks' outputs and the gradients of a smooth function of them under bf16
+    autocast agree with float32 to bf16's rounding (8 significand bits: 0.4 % per operation).
+    Eval mode: in training mode the batch statistics of an untrained network over a few similar
+    images amplify any rounding, in float32 too (a 1e-4 change of the input moves that gradient)."""
+    from conftest import stage2_batch
+    from umr.nets import MeshNet
+
+    torch.manual_seed(0)
+    model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32).eval()
+    batch = stage2_batch(SIZE, 4)
+    outputs, grads = {}, {}
+    for amp in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = model(batch["img"])
+        out = {k: out[k].float() for k in ("verts", "cam", "tex_flow")}
+        sum(v.square().mean() for v in out.values()).backward()
+        outputs[amp] = out
+        grads[amp] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    def relative(k):
+        return float((outputs[True][k] - outputs[False][k]).abs().max() / outputs[False][k].abs().max())
+
+    assert relative("verts") < 2e-3 and relative("cam") < 2e-2
+    assert relative("tex_flow") < 0.1  # five convolutions, a tanh and a bilinear lookup
+    assert torch.nn.functional.cosine_similarity(grads[True], grads[False], dim=0) > 0.99
+
+
+def test_amp_with_float64_is_refused(tmp_path):
+    from umr.distributed import Context
+    from umr.nets import MeshNet
+    from umr.objectives import ObjectiveConfig, Stage1Objective
+
+    model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    objective = Stage1Objective(model, ObjectiveConfig.for_stage(1, image_size=SIZE, texture_loss="l1"))
+    settings = T.TrainSettings(amp=True, dtype="float64", checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="--amp .* --dtype float64"):
+        T.Trainer(settings, model, objective, [], Context(0, 1, 0, torch.device("cpu")))
+
+
+def test_channels_last_is_the_same_function(tmp_path):
+    """The trainer puts the convolutions in channels-last layout by default; a training step
+    then gives the NCHW step's loss and gradients up to rounding (float64, where rounding is
+    far below anything a different function would change)."""
+    from conftest import stage2_batch
+    from umr.distributed import Context
+    from umr.nets import MeshNet
+    from umr.objectives import ObjectiveConfig, Stage1Objective
+
+    torch.manual_seed(0)
+    state = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32).state_dict()
+    batch = T.to_device(stage2_batch(SIZE, 4), torch.device("cpu"), torch.float64)
+    results = {}
+    for channels_last in (False, True):
+        model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+        model.load_state_dict(state)
+        objective = Stage1Objective(model, ObjectiveConfig.for_stage(1, image_size=SIZE, texture_loss="l1",
+                                                                     use_gan=False))
+        settings = T.TrainSettings(channels_last=channels_last, dtype="float64", checkpoint_dir=str(tmp_path))
+        trainer = T.Trainer(settings, model, objective, [], Context(0, 1, 0, torch.device("cpu")))
+        conv = model.encoder.resnet_conv.resnet.conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        total, _, _ = trainer.step_module(batch, 0)
+        total.backward()
+        results[channels_last] = (total.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                                             if p.grad is not None]))
+    assert torch.allclose(results[True][0], results[False][0], rtol=1e-10)
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-6, atol=1e-9 * results[False][1].abs().max())

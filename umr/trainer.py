@@ -114,6 +114,11 @@ class TrainSettings:
     dtype: str = option("float32", "Training precision. float64 (about 2x slower) for gradient checks and debugging: "
                         "it takes float32 rounding, which batch norm over a few samples amplifies, out of "
                         "comparisons.", choices=("float32", "float64"))
+    channels_last: bool = option(True, "Convolution weights in channels-last (NHWC) memory layout, which the "
+                                 "CPU's and cuDNN's convolutions run faster; the same function up to float rounding.")
+    amp: bool = option(False, "Mixed precision: the networks' forward in bfloat16 autocast, rendering and losses in "
+                       "float32. For CUDA and CPUs with bf16 instructions (AVX-512 BF16, AMX); "
+                       "benchmarks/bench_train_step.py --amp measures what it gains on yours.")
 
     @classmethod
     def from_flags(cls, flags) -> "TrainSettings":
@@ -172,14 +177,24 @@ class _EpochSampler(Sampler):
 
 
 class TrainStep(nn.Module):
-    """Model + objective as one module (what DistributedDataParallel wraps)."""
+    """Model + objective as one module (what DistributedDataParallel wraps).
 
-    def __init__(self, model: nn.Module, objective: nn.Module):
+    ``amp``: the model's forward runs under bfloat16 autocast (matrix products and convolutions
+    in bf16, weights and gradients float32); its outputs return to float32 before the objective,
+    so rendering, the rasterizer and the losses stay float32. bf16 keeps float32's range, so no
+    loss scaling is needed.
+    """
+
+    def __init__(self, model: nn.Module, objective: nn.Module, amp: bool = False):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.objective, self.amp = model, objective, amp
 
     def forward(self, batch: dict, epoch: int):
-        out = self.model(batch["img"], batch.get("eps_z"), batch.get("u_cam"))
+        img = batch["img"]
+        with torch.autocast(img.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            out = self.model(img, batch.get("eps_z"), batch.get("u_cam"))
+        if self.amp:
+            out = {k: v.to(img.dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
         total, terms = self.objective(out, batch, epoch)
         return total, terms, out
 
@@ -246,7 +261,12 @@ class Trainer:
             raise ValueError(f"--dtype must be float32 or float64, got {settings.dtype!r}")
         self.dtype = getattr(torch, settings.dtype)
         self.model, self.objective = model.to(ctx.device, self.dtype), objective.to(ctx.device, self.dtype)
-        self.step_module = TrainStep(self.model, self.objective)
+        if settings.channels_last:  # a convolution with channels-last weights gives channels-last outputs
+            self.model.to(memory_format=torch.channels_last)
+        if settings.amp and settings.dtype != "float32":
+            raise ValueError(f"--amp trains the networks in bfloat16 and the rest in float32; it cannot be combined "
+                             f"with --dtype {settings.dtype}")
+        self.step_module = TrainStep(self.model, self.objective, amp=settings.amp)
         if ctx.distributed:
             D.convert_batchnorm(self.step_module)
             self.step_module = nn.parallel.DistributedDataParallel(
