@@ -5,6 +5,7 @@
 #   2. pytest -m cuda (the GPU tier: kernel vs reference on CUDA, CUDA vs CPU, a training step),
 #   3. bench_rasterizer --device cuda,
 #   4. bench_train_step --device cuda --img_size 256 --batch_size 16 (the original's configuration),
+#      again with --amp, and bench_network --device cuda --img_size 256 (layouts and precisions),
 #   5. a 200-iteration train_s2 on synthetic birds (with the truth's semantic template).
 # It writes OUT_DIR/summary.json (one entry per step: status, seconds, and the benchmark JSON or the
 # last log line) and each step's log. Without a CUDA device it stops at once with exit status 3;
@@ -78,6 +79,8 @@ step pytest_cuda 900 "$py" -m pytest -q -m cuda -p no:cacheprovider tests
 # 3-4. benchmarks on the GPU
 step bench_rasterizer 600 "$py" -m benchmarks.bench_rasterizer --device cuda
 step bench_train_step 600 "$py" -m benchmarks.bench_train_step --device cuda --img_size 256 --batch_size 16
+step bench_train_step_amp 600 "$py" -m benchmarks.bench_train_step --device cuda --img_size 256 --batch_size 16 --amp --no_64
+step bench_network 300 "$py" -m benchmarks.bench_network --device cuda --img_size 256 --no_compile
 
 # 5. 200 stage-2 iterations on synthetic birds, from the truth's semantic template
 data="$out/synth_birds"
