@@ -259,13 +259,13 @@ class Trainer:
         self.local_batch = settings.batch_size // ctx.world_size
         if settings.dtype not in ("float32", "float64"):
             raise ValueError(f"--dtype must be float32 or float64, got {settings.dtype!r}")
+        if settings.amp and settings.dtype != "float32":
+            raise ValueError(f"--amp trains the networks in bfloat16 and the rest in float32; it cannot be combined "
+                             f"with --dtype {settings.dtype}")
         self.dtype = getattr(torch, settings.dtype)
         self.model, self.objective = model.to(ctx.device, self.dtype), objective.to(ctx.device, self.dtype)
         if settings.channels_last:  # a convolution with channels-last weights gives channels-last outputs
             self.model.to(memory_format=torch.channels_last)
-        if settings.amp and settings.dtype != "float32":
-            raise ValueError(f"--amp trains the networks in bfloat16 and the rest in float32; it cannot be combined "
-                             f"with --dtype {settings.dtype}")
         self.step_module = TrainStep(self.model, self.objective, amp=settings.amp)
         if ctx.distributed:
             D.convert_batchnorm(self.step_module)
