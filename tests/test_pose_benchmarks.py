@@ -1,0 +1,63 @@
+"""The pose benchmarks' own pieces: the supervised-pose bound's loss and its end-to-end run."""
+import json
+
+import torch
+
+from benchmarks import pose_supervised as PS
+from umr.checkpoints import CHECKPOINT_FORMAT, model_config
+from umr.geometry import quat_to_matrix
+from umr.nets import MeshNet
+
+
+def random_rotations(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(*shape, 4, generator=g, dtype=torch.float64), dim=-1)
+    return quat_to_matrix(q)
+
+
+def test_soft_supervised_loss_is_the_probability_weighted_chordal_distance():
+    rots, true = random_rotations(3, 4, seed=1), random_rotations(3, seed=2)
+    probs = torch.softmax(torch.randn(3, 4, dtype=torch.float64), 1)
+    expected = sum(probs[b, k] * ((rots[b, k] - true[b]) ** 2).sum() for b in range(3) for k in range(4)) / 3
+    assert torch.allclose(PS.supervised_pose_loss(rots, probs, true, "soft"), expected)
+    # a hypothesis at the truth with all the probability costs nothing
+    rots[:, 2] = true
+    one_hot = torch.nn.functional.one_hot(torch.full((3,), 2), 4).double()
+    assert PS.supervised_pose_loss(rots, one_hot, true, "soft") == 0
+
+
+def test_best_assignment_trains_only_the_closest_hypothesis_and_points_the_probabilities_to_it():
+    true = random_rotations(2, seed=3)
+    rots = random_rotations(2, 4, seed=4)
+    rots[0, 1] = true[0] @ quat_to_matrix(torch.nn.functional.normalize(torch.tensor([1.0, 0.1, 0.0, 0.0], dtype=torch.float64), dim=0))  # 11°
+    rots[1, 3] = true[1]
+    rots.requires_grad_(True)
+    logits = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    PS.supervised_pose_loss(rots, torch.softmax(logits, 1), true, "best").backward()
+    moved = rots.grad.flatten(2).abs().sum(-1) > 0
+    assert moved.tolist() == [[False, True, False, False], [False, False, False, False]]  # row 1 is already exact
+    # the cross-entropy raises the closest hypothesis' probability and lowers the others'
+    assert (logits.grad[0, 1] < 0) and (logits.grad[0, [0, 2, 3]] > 0).all()
+    assert (logits.grad[1, 3] < 0) and (logits.grad[1, [0, 1, 2]] > 0).all()
+
+
+def test_single_trains_the_first_hypothesis_only():
+    true = random_rotations(2, seed=5)
+    rots = random_rotations(2, 3, seed=6).requires_grad_(True)
+    loss = PS.supervised_pose_loss(rots, torch.full((2, 3), 1 / 3, dtype=torch.float64), true, "single")
+    assert torch.allclose(loss, ((rots[:, 0] - true) ** 2).flatten(1).sum(1).mean())
+
+
+def test_supervised_bound_runs_end_to_end_and_reports_test_and_training_errors(synth_set, tmp_path, capsys, monkeypatch):
+    data = synth_set(0, 16, 2, 8, photo_size=96)
+    model = MeshNet(stage=1, img_size=64, pretrained_encoder=False, uv_height=32, uv_channels=64)
+    path = tmp_path / "s1.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model_config(model)}, path)
+    monkeypatch.setattr("sys.argv", ["pose_supervised", "--init_from", str(path), "--data", str(data),
+                                     "--num_iter", "4", "--batch_size", "4", "--eval_freq", "2", "--assign", "best"])
+    PS.main()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["iter"] for line in lines] == [2, 4]
+    for line in lines:
+        assert 0 <= line["rot_err_median"] <= 180 and 0 <= line["train"]["rot_err_median"] <= 180
+        assert torch.isfinite(torch.tensor(line["loss"]))
