@@ -60,6 +60,7 @@ flags.DEFINE_integer("s1_epochs", None, "Stage-1 epochs (default: the recipe's).
 flags.DEFINE_integer("s2_iters", None, "Stage-2 iterations (default: the recipe's).")
 flags.DEFINE_integer("number_pairs", None, "Keypoint-transfer pairs of the evaluation (default: the recipe's).")
 flags.DEFINE_enum("vertex_loss", "umr", ["umr", "visible"], "Stage 2's vertex correspondence loss (train_s2 --vertex_loss).")
+flags.DEFINE_enum("template_update", "mean", ["mean", "median"], "What stage 1's template absorbs at each update (train_s1 --template_update): the mean or the median predicted deformation.")
 flags.DEFINE_bool("amp", False, "Train with bfloat16 autocast for the networks (train_s1/s2 --amp).")
 flags.DEFINE_string("device", "auto", "auto, cpu or cuda.")
 flags.DEFINE_integer("n_data_workers", 1, "DataLoader workers of every step.")
@@ -142,7 +143,8 @@ def main(_):
     s1_name, s2_name = f"{FLAGS.recipe}_s1", f"{FLAGS.recipe}_s2"
     train("stage 1", "experiments.train_s1", s1_name, f"--batch_size={recipe['s1_batch']}",
           f"--num_epochs={recipe['s1_epochs']}", f"--update_template_freq={recipe['template_every']}",
-          f"--stop_ori_epoch={recipe['s1_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3")
+          f"--stop_ori_epoch={recipe['s1_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3",
+          f"--template_update={FLAGS.template_update}")
     s1 = snapshots / s1_name
     stemp = s1 / "semantic_template"
     if (stemp / "mean_v.pth").is_file() and (stemp / "vertices_idx" / "back_vertices.npy").is_file():

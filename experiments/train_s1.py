@@ -30,9 +30,14 @@ def main(_):
     model = build_model(FLAGS, stage=1)
     config = ObjectiveConfig.from_flags(FLAGS, stage=1)
     objective = Stage1Objective(model, config)
+    try:
+        template_update = TemplateUpdate(config.update_template_freq, Quirks.from_flags(FLAGS).template_jump,
+                                         config.template_update)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from err
     trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
-                      end_of_epoch=TemplateUpdate(FLAGS.update_template_freq, Quirks.from_flags(FLAGS).template_jump),
+                      end_of_epoch=template_update,
                       validate=build_validator(FLAGS, ctx.device))
     run_training("train_s1", trainer, dataset, ctx)
 

@@ -137,12 +137,12 @@ def test_validation_is_logged_to_jsonl_tensorboard_and_curves(data_dir, tmp_path
     assert result.returncode == 2 and "--val_split" in result.stderr and "--val_freq 0" in result.stderr
 
 
-@pytest.mark.parametrize("jump", [False, True])
-def test_template_update(jump):
-    """Stage 1's template update moves the mean predicted deformation into the template and,
-    by default, gives it back through the shape predictor's bias, so no predicted shape moves;
-    jump (quirk template_jump): the original adds the deformation of the mean latent code and the
-    shapes jump."""
+@pytest.mark.parametrize("jump, statistic", [(False, "mean"), (True, "mean"), (False, "median")])
+def test_template_update(jump, statistic):
+    """Stage 1's template update moves the mean (or median) predicted deformation into the
+    template and, by default, gives it back through the shape predictor's bias, so no predicted
+    shape moves; jump (quirk template_jump): the original adds the deformation of the mean latent
+    code and the shapes jump."""
     from types import SimpleNamespace
 
     from umr.distributed import Context
@@ -167,18 +167,55 @@ def test_template_update(jump):
 
     verts, delta, z = predict()
     template = model.mean_v.clone()
-    TemplateUpdate(2, jump)(trainer, epoch=0)  # not an update epoch
+    TemplateUpdate(2, jump, statistic)(trainer, epoch=0)  # not an update epoch
     assert torch.equal(model.mean_v, template)
-    TemplateUpdate(2, jump)(trainer, epoch=1)
+    TemplateUpdate(2, jump, statistic)(trainer, epoch=1)
     after, delta_after, _ = predict()
     if jump:
         shift = model.predict_offsets(z.mean(0, keepdim=True))[0].detach()
         torch.testing.assert_close(model.mean_v, template + shift)
         torch.testing.assert_close(after, verts + model.symmetrize(shift)[None].expand_as(verts), atol=1e-5, rtol=0)
+    elif statistic == "median":
+        median = delta.median(0).values
+        assert (median - delta.mean(0)).abs().max() > 1e-4  # the two statistics differ here
+        torch.testing.assert_close(model.mean_v, template + median, atol=1e-6, rtol=0)
+        torch.testing.assert_close(after, verts, atol=1e-5, rtol=0)
+        assert delta_after.median(0).values.abs().max() < 1e-5 < median.abs().max()
     else:
         torch.testing.assert_close(model.mean_v, template + delta.mean(0), atol=1e-6, rtol=0)
         torch.testing.assert_close(after, verts, atol=1e-5, rtol=0)
         assert delta_after.mean(0).abs().max() < 1e-5 < delta.mean(0).abs().max()
+
+
+def test_template_update_refuses_median_with_the_jump_quirk():
+    from umr.objectives import TemplateUpdate
+
+    with pytest.raises(ValueError, match="template_jump"):
+        TemplateUpdate(2, jump=True, statistic="median")
+    with pytest.raises(ValueError, match="'mean' or 'median'"):
+        TemplateUpdate(2, statistic="mode")
+
+
+def _gather_rows_worker(rank, store, out):
+    import torch.distributed as dist
+
+    from umr.distributed import all_gather_rows
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    rows = torch.arange(6.0).view(3, 2)[: 2 + rank] + 10 * rank  # rank 0: 2 rows, rank 1: 3 rows
+    torch.save(all_gather_rows(rows), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_all_gather_rows_concatenates_every_process_rows_in_rank_order(tmp_path):
+    """(The median template update's gather.) Processes with different row counts (a
+    distributed sampler's last batches) each get all rows, rank 0's first."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_rows_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    expected = torch.cat([torch.arange(6.0).view(3, 2)[:2], torch.arange(6.0).view(3, 2) + 10])
+    for rank in range(2):
+        assert torch.equal(torch.load(tmp_path / f"out.{rank}"), expected)
 
 
 def test_resume_continues_exactly(data_dir, tmp_path):
@@ -425,7 +462,7 @@ def test_amp_networks_follow_float32_within_bfloat16_precision():
         grads[amp] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     def relative(k):
-        return float((outputs[True][k] - outputs[False][k]).abs().max() / outputs[False][k].abs().max())
+        return float(((outputs[True][k] - outputs[False][k]).abs().max() / outputs[False][k].abs().max()).detach())
 
     assert relative("verts") < 2e-3 and relative("cam") < 2e-2
     assert relative("tex_flow") < 0.1  # five convolutions, a tanh and a bilinear lookup

@@ -13,7 +13,7 @@ from torch import nn
 
 from umr.nets import batch_norm_with_running_stats
 
-__all__ = ["Context", "setup", "cleanup", "convert_batchnorm", "SyncBatchNormAnyDevice", "all_reduce_sum"]
+__all__ = ["Context", "setup", "cleanup", "convert_batchnorm", "SyncBatchNormAnyDevice", "all_reduce_sum", "all_gather_rows"]
 
 
 @dataclass
@@ -66,6 +66,23 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.clone()
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows (first dimension) of every process's ``tensor``, concatenated in rank order; the
+    processes may hold different numbers of rows (identity without a process group)."""
+    if not dist.is_initialized():
+        return tensor
+    world = dist.get_world_size()
+    count = torch.tensor([len(tensor)], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = int(max(c.item() for c in counts))
+    padded = torch.zeros((most, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: len(tensor)] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)])
 
 
 class SyncBatchNormAnyDevice(nn.modules.batchnorm._BatchNorm):

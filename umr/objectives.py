@@ -62,6 +62,10 @@ class ObjectiveConfig:
     stop_ori_epoch: float = option(3.0, "Epoch at which the orientation prior stops.", stages=(1,))
     update_template_freq: int = option(5, "Update the template every this many epochs; the deformation prior "
                                        "applies from the epoch after the first update.", stages=(1,), lower_bound=1)
+    template_update: str = option("mean", "What the template absorbs at each update: the mean of the predicted "
+                                  "deformations over the epoch's photos (the original), or their per-coordinate median, "
+                                  "which the minority of photos that stage 1's single camera explains from a wrong view "
+                                  "(and so with a distorted shape) cannot drag.", stages=(1,), choices=("mean", "median"))
     # stage 2
     ent_loss_wt: float = option(0.05, "Camera-probability entropy weight (minimised).", stages=(2,), lower_bound=0.0)
     prob_loss_wt: float = option(5.0, "Part matching loss weight.", stages=(2,), lower_bound=0.0)
@@ -194,7 +198,8 @@ class TemplateUpdate:
     """Stage 1's template update (docs/method.md §10.3), an end-of-epoch hook of the trainer:
     after every ``freq``-th epoch, run the model (train mode, no gradients) over that epoch's
     training batches and move the mean predicted deformation (over all samples of all
-    processes) into the template ``mean_v``.
+    processes) into the template ``mean_v``; ``statistic="median"``: the per-coordinate median
+    of the predicted deformations instead (robust to the photos explained with a wrong view).
 
     By default the shape predictor's output bias gives the same amount back, so every predicted
     shape stays where it was and only the split between template and deformation changes (the
@@ -208,8 +213,13 @@ class TemplateUpdate:
     ``loader(epoch)`` (:class:`umr.trainer.Trainer`).
     """
 
-    def __init__(self, freq: int, jump: bool = False):
-        self.freq, self.jump = freq, jump
+    def __init__(self, freq: int, jump: bool = False, statistic: str = "mean"):
+        if statistic not in ("mean", "median"):
+            raise ValueError(f"template update statistic must be 'mean' or 'median', got {statistic!r}")
+        if jump and statistic != "mean":
+            raise ValueError("--template_update median moves the deformations' median into the template; the "
+                             "template_jump quirk adds the mean latent code's deformation instead: choose one")
+        self.freq, self.jump, self.statistic = freq, jump, statistic
 
     def __call__(self, trainer, epoch: int) -> None:
         from tqdm import tqdm
@@ -224,6 +234,7 @@ class TemplateUpdate:
         device = trainer.ctx.device
         total = torch.zeros_like(model.mean_v if not jump else model.encoder.mean_fc[-1].bias, dtype=torch.float64)
         count = torch.zeros(1, device=device, dtype=torch.float64)
+        deltas = []  # every photo's deformation, for the median
         with torch.no_grad():
             for batch in tqdm(trainer.loader(epoch), desc=f"template update (epoch {epoch})", leave=False,
                               disable=not trainer.ctx.is_main):
@@ -231,12 +242,17 @@ class TemplateUpdate:
                 out = model(batch["img"], batch["eps_z"], batch["u_cam"])
                 total += (out["noise"] if jump else out["delta_v"]).double().sum(0)
                 count += len(out["noise"])
-            mean = (D.all_reduce_sum(total) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
+                if self.statistic == "median":
+                    deltas.append(out["delta_v"])
+            if self.statistic == "median":
+                shift = D.all_gather_rows(torch.cat(deltas)).median(0).values
+            else:  # the mean deformation (or, jump, the mean latent code)
+                shift = (D.all_reduce_sum(total) / D.all_reduce_sum(count)).to(model.mean_v.dtype)
             if jump:
-                model.mean_v += model.predict_offsets(mean[None])[0]
+                model.mean_v += model.predict_offsets(shift[None])[0]
             else:
-                model.mean_v += mean
-                model.shape_predictor.shift_output(-mean)
+                model.mean_v += shift
+                model.shape_predictor.shift_output(-shift)
 
 
 class Stage2Objective(_Objective):
