@@ -1,9 +1,11 @@
 r"""How fast stage 2's camera network can learn pose at all: the same encoder and camera
 hypotheses, started as ``train_s2 --init_from`` starts them, trained on a synthetic training
-split with the **true** rotations as the loss (no rendering, no self-supervision). Its test
-error after N iterations bounds from below what the self-supervised losses can reach with the
-same network, data, batch size, learning rate and iterations. Prints one JSON line per
-evaluation and a final one.
+split with the **true** rotations as the loss (no rendering, no self-supervision). Silhouettes
+and parts carry no more information about the pose than the rotation itself, so its test error
+after N iterations is what to expect, at best, of the self-supervised losses with the same
+network, data, batch size, learning rate and iterations. Prints one JSON line every
+``--eval_freq`` iterations and at the end (test split, and ``train``: the first training photos
+unaugmented).
 
     python -m benchmarks.pose_supervised --init_from <stage-1 pred_net_latest.pth> \
         --data <synthetic set> [--num_iter 400] [--batch_size 8] [--learning_rate 1e-4] \
