@@ -6,10 +6,14 @@ best of the K hypotheses for every photo: what a perfect choice would reach), ``
 many photos each hypothesis wins), ``top_prob_mean``, ``spread_deg`` (per hypothesis, the
 median angle between its rotations over the photos and their mean: near 0 means one fixed
 view), ``err_by_view`` (median error of side, front and back views by the true azimuth) and
-``flips`` (share of errors above 135°).
+``flips`` (share of errors above 135°). With ``--stemp_path`` (the run's semantic template) also
+``chosen_by_losses``: the error when each photo's hypothesis is the one with the lowest stage-2
+camera loss on that photo (silhouette IoU of the predicted mesh, plus UMR's or the visible vertex
+loss, at stage 2's weights; it needs the photo's mask and part points, so it is a diagnosis of
+the probabilities, not a way to predict).
 
     python -m benchmarks.pose_diagnosis --model_path <stage-2 pred_net_latest.pth> \
-        --data <synthetic set> [--split test]
+        --data <synthetic set> [--split test] [--stemp_path <semantic template>]
 """
 from __future__ import annotations
 
@@ -18,12 +22,17 @@ import json
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
+from umr import losses as L
+from umr.category import BIRDS
 from umr.data.cub import CUBDataset
 from umr.data.synth_birds import canonical_camera
 from experiments.common import load_model
 from umr.evaluation import align_rotations, rotation_of
 from umr.geometry import matrix_to_quat, quat_geodesic_angle
+from umr.objectives import ObjectiveConfig
+from umr.renderer import make_renderer, point_visibility
 
 
 def angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,18 +47,39 @@ def mean_rotation(rots: torch.Tensor) -> torch.Tensor:
     return (u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=u.dtype)) @ vt).to(rots.dtype)
 
 
+def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path) -> dict:
+    """{rule: (N,) hypothesis index with the lowest stage-2 camera loss under that rule}."""
+    N, K = hyps.shape[:2]
+    config = ObjectiveConfig.for_stage(2)
+    semantic = L.SemanticTemplate(stemp_path)
+    template = model.get_mean_shape()
+    renderer = make_renderer(model.arch["img_size"])
+    points = {p: batch[f"{p}_points"].float() for p in semantic.vertices}
+    with torch.no_grad():
+        verts = model(batch["img"].float())["verts"].repeat_interleave(K, 0)
+        render = renderer(verts, model.faces, hyps.reshape(N * K, 7))
+        mask = config.mask_loss_wt * L.neg_iou(render.image[:, 3], batch["mask"].float().repeat_interleave(K, 0)).view(N, K)
+        umr = L.vertex_correspondence_terms(template, semantic.vertices, hyps, points, BIRDS.vertex_loss_weights)
+        visible = point_visibility(verts, hyps.reshape(N * K, 7), render.depth, renderer.depth_offset).view(N, K, -1)
+        seen = L.vertex_correspondence_terms(template, semantic.vertices, hyps, points,
+                                             {p: 1.0 for p in semantic.vertices}, visible)
+    return {"mask": mask.argmin(1), "mask_and_umr_vertex": (mask + config.vertex_loss_wt * umr).argmin(1),
+            "mask_and_visible_vertex": (mask + config.vertex_loss_wt * seen).argmin(1)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--data", required=True, help="a synthetic set (python -m umr.data.synth_birds --out ...)")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--stemp_path", default=None, help="the run's semantic template: also choose by the losses")
     args = parser.parse_args()
     model = load_model(args.model_path, torch.device("cpu"))
     if model.stage != 2:
         parser.error("--model_path: a stage-2 model is needed (camera hypotheses)")
     size = model.arch["img_size"]
     dataset = CUBDataset(f"{args.data}/CUB_200_2011", f"{args.data}/cachedir/cub", split=args.split, img_size=size,
-                         mirror=False)
+                         mirror=False, scops_path=f"{args.data}/scops" if args.stemp_path else None)
     items = [dataset[i] for i in range(len(dataset))]
     images = torch.from_numpy(np.stack([it["img"] for it in items]))
     true = rotation_of(canonical_camera(torch.from_numpy(np.stack([it["sfm_pose"] for it in items]))).float())
@@ -70,6 +100,11 @@ def main():
     azimuth = torch.rad2deg(torch.atan2(forward[:, 2], forward[:, 0]))
     views = {"side": (azimuth.abs() < 50) | (azimuth.abs() > 130),
              "front_or_back": (azimuth.abs() >= 50) & (azimuth.abs() <= 130)}
+    by_losses = None
+    if args.stemp_path:
+        batch = default_collate(items)
+        by_losses = {name: round(float(align_rotations(rotation_of(hyps[torch.arange(len(items)), pick]), true)[0].median()), 2)
+                     for name, pick in choices_by_losses(model, batch, hyps, args.stemp_path).items()}
     print(json.dumps({
         "rot_err_median": round(float(errors.median()), 2),
         "rot_err_mean": round(float(errors.mean()), 2),
@@ -81,6 +116,7 @@ def main():
                         for name, sel in views.items()},
         "flips": round(float((errors > 135).float().mean()), 3),
         "num_images": len(items),
+        **({"chosen_by_losses": by_losses} if by_losses else {}),
     }))
 
 
