@@ -61,3 +61,34 @@ def test_supervised_bound_runs_end_to_end_and_reports_test_and_training_errors(s
     for line in lines:
         assert 0 <= line["rot_err_median"] <= 180 and 0 <= line["train"]["rot_err_median"] <= 180
         assert torch.isfinite(torch.tensor(line["loss"]))
+
+
+def test_pose_diagnosis_chooses_the_hypothesis_whose_silhouette_fits(synth_set, tmp_path):
+    """``choices_by_losses``: of hypotheses that put the mesh out of the frame and one that puts it
+    where the photo's mask is, the silhouette rule picks the latter for every photo."""
+    from torch.utils.data import default_collate
+
+    from benchmarks.pose_diagnosis import choices_by_losses
+    from umr.data.cub import CUBDataset
+    from umr.data.synth_birds import truth_template
+    from umr.renderer import make_renderer
+
+    data = synth_set(0, 16, 2, 8, photo_size=96)
+    stemp = tmp_path / "truth_template"
+    truth_template(data / "gt" / "train.npz", stemp)
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=64, pretrained_encoder=False, uv_height=32, uv_channels=64).eval()
+    dataset = CUBDataset(data / "CUB_200_2011", data / "cachedir" / "cub", split="test", img_size=64,
+                         scops_path=data / "scops", mirror=False)
+    batch = default_collate([dataset[i] for i in range(4)])
+    N, K, right = 4, 8, 5
+    base = torch.tensor([0.8, 0.0, 0.0, 0.7071, 0.7071, 0.0, 0.0])
+    hyps = base.repeat(N, K, 1)
+    hyps[:, :, 1] = 5.0  # out of the frame
+    hyps[:, right, 1] = 0.0
+    with torch.no_grad():  # the photos' masks: the model's own mesh seen by the right hypothesis
+        verts = model(batch["img"].float())["verts"]
+        batch["mask"] = (make_renderer(64)(verts, model.faces, hyps[:, right]).image[:, 3] > 0.5).float()
+    choices = choices_by_losses(model, batch, hyps, stemp)
+    assert set(choices) == {"mask", "mask_and_umr_vertex", "mask_and_visible_vertex"}
+    assert choices["mask"].tolist() == [right] * N
