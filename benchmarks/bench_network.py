@@ -7,7 +7,8 @@ prints one JSON line.
 
 Keys: ``<variant>_s`` (median seconds per step) for the variants ``nchw``, ``channels_last``,
 ``amp`` (channels-last and bfloat16 autocast) and ``compiled`` (channels-last under
-``torch.compile``), and ``compile_first_step_s`` (the first compiled step, compilation included).
+``torch.compile``), and ``compile_first_step_s`` (the first compiled step, compilation included);
+on CUDA also ``peak_gpu_mem_gib``.
 """
 from __future__ import annotations
 
@@ -73,7 +74,9 @@ def main():
     print(json.dumps({**{k: round(v, 3) for k, v in result.items()}, "img_size": args.img_size,
                       "batch_size": args.batch_size, "uv_height": model.texture_predictor.uv_height,
                       "uv_channels": args.uv_channels, "threads": torch.get_num_threads(),
-                      "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)}))
+                      "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                      **({"peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+                         if device.type == "cuda" else {})}))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from umr.nets import MeshNet
 
 def camera_hypotheses(model: MeshNet, img: torch.Tensor):
     """(B, K, 3, 3) rotations and (B, K) probabilities of the camera hypotheses."""
-    feat, _, _ = model.encoder((img - model.image_mean) / model.image_std)
+    feat, _, _ = model.encode(img)
     _, hyps, probs, _ = model.cam_predictor(feat, sample=False)
     B, K = probs.shape
     return rotation_of(hyps.reshape(B * K, 7)).view(B, K, 3, 3), probs

@@ -497,10 +497,15 @@ class MeshNet(nn.Module):
         """Half-mesh offsets (B, V_half, 3) for latent codes (B, z_dim)."""
         return self.shape_predictor(z) * self.offset_mask.to(z.dtype)
 
+    def encode(self, img: torch.Tensor):
+        """Images (B, 3, S, S) in [0, 1] → the encoder's feature (B, nz_feat) and the latent's mean
+        and log-variance (B, z_dim) each (ImageNet normalisation happens here)."""
+        return self.encoder((img - self.image_mean) / self.image_std)
+
     def forward(self, img: torch.Tensor, eps: Optional[torch.Tensor] = None, u_cam: Optional[torch.Tensor] = None) -> dict:
         """``eps`` (B, z_dim) standard normal and ``u_cam`` (B,) uniform numbers for the latent
         sample and the camera hypothesis sample; None draws them here."""
-        feat, mean, logvar = self.encoder((img - self.image_mean) / self.image_std)
+        feat, mean, logvar = self.encode(img)
         if self.training or self.quirks.q6_sampled_latent:
             # the original also samples at test time; the paper's intent is the mean there
             eps = torch.randn_like(mean) if eps is None else eps.to(mean)

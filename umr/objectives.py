@@ -240,10 +240,11 @@ class TemplateUpdate:
                               disable=not trainer.ctx.is_main):
                 batch = to_device(batch, device, model.mean_v.dtype)
                 out = model(batch["img"], batch["eps_z"], batch["u_cam"])
-                total += (out["noise"] if jump else out["delta_v"]).double().sum(0)
-                count += len(out["noise"])
                 if self.statistic == "median":
                     deltas.append(out["delta_v"])
+                else:
+                    total += (out["noise"] if jump else out["delta_v"]).double().sum(0)
+                    count += len(out["noise"])
             if self.statistic == "median":
                 shift = D.all_gather_rows(torch.cat(deltas)).median(0).values
             else:  # the mean deformation (or, jump, the mean latent code)
