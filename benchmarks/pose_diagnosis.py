@@ -9,8 +9,8 @@ view), ``err_by_view`` (median error of side, front and back views by the true a
 ``flips`` (share of errors above 135°). With ``--stemp_path`` (the run's semantic template) also
 ``chosen_by_losses``: the error when each photo's hypothesis is the one with the lowest stage-2
 camera loss on that photo (silhouette IoU of the predicted mesh, plus UMR's or the visible vertex
-loss, at stage 2's weights; it needs the photo's mask and part points, so it is a diagnosis of
-the probabilities, not a way to predict).
+loss, at stage 2's weights; the last is ``train_s2 --hypothesis_choice best``'s target). It needs
+the photo's mask and part points, so it is a diagnosis of the probabilities, not a way to predict.
 
     python -m benchmarks.pose_diagnosis --model_path <stage-2 pred_net_latest.pth> \
         --data <synthetic set> [--split test] [--stemp_path <semantic template>]
@@ -31,7 +31,7 @@ from umr.data.synth_birds import canonical_camera
 from experiments.common import load_model
 from umr.evaluation import align_rotations, rotation_of
 from umr.geometry import matrix_to_quat, quat_geodesic_angle
-from umr.objectives import ObjectiveConfig
+from umr.objectives import ObjectiveConfig, hypothesis_choice_scores
 from umr.renderer import make_renderer, point_visibility
 
 
@@ -61,10 +61,10 @@ def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path) -> dic
         mask = config.mask_loss_wt * L.neg_iou(render.image[:, 3], batch["mask"].float().repeat_interleave(K, 0)).view(N, K)
         umr = L.vertex_correspondence_terms(template, semantic.vertices, hyps, points, BIRDS.vertex_loss_weights)
         visible = point_visibility(verts, hyps.reshape(N * K, 7), render.depth, renderer.depth_offset).view(N, K, -1)
-        seen = L.vertex_correspondence_terms(template, semantic.vertices, hyps, points,
-                                             {p: 1.0 for p in semantic.vertices}, visible)
+        seen = hypothesis_choice_scores(config, mask / config.mask_loss_wt, template, semantic.vertices, hyps, points,
+                                        visible)
     return {"mask": mask.argmin(1), "mask_and_umr_vertex": (mask + config.vertex_loss_wt * umr).argmin(1),
-            "mask_and_visible_vertex": (mask + config.vertex_loss_wt * seen).argmin(1)}
+            "mask_and_visible_vertex": seen.argmin(1)}
 
 
 def main():

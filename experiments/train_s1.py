@@ -35,7 +35,7 @@ def main(_):
                                          config.template_update)
     except ValueError as err:
         raise app.UsageError(str(err)) from err
-    trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
+    trainer = Trainer(TrainSettings.from_flags(FLAGS, 1), model, objective, dataset, ctx,
                       extra_state={"stage": 1, "flags": FLAGS.flag_values_dict()},
                       end_of_epoch=template_update,
                       validate=build_validator(FLAGS, ctx.device))

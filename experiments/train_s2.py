@@ -39,7 +39,7 @@ def main(_):
                                 Quirks.from_flags(FLAGS).q10_rounded_labels)
     config = ObjectiveConfig.from_flags(FLAGS, stage=2)
     objective = Stage2Objective(model, config, labels, template.vertices, category=dataset.category)
-    trainer = Trainer(TrainSettings.from_flags(FLAGS), model, objective, dataset, ctx,
+    trainer = Trainer(TrainSettings.from_flags(FLAGS, 2), model, objective, dataset, ctx,
                       extra_state={"stage": 2, "flags": FLAGS.flag_values_dict()},
                       validate=build_validator(FLAGS, ctx.device))
     run_training("train_s2", trainer, dataset, ctx)

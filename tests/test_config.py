@@ -38,7 +38,7 @@ def test_flags_are_generated_from_the_fields(stage):
     assert fv["mask_loss_wt"].default == (3.0 if stage == 1 else 2.5)
     config = from_values(ObjectiveConfig, fv, stage, quirks=Quirks())
     assert config == ObjectiveConfig.for_stage(stage)
-    assert from_values(TrainSettings, fv) == TrainSettings()
+    assert from_values(TrainSettings, fv, stage) == TrainSettings()
 
 
 def test_values_from_the_command_line_reach_the_configuration():

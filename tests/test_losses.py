@@ -72,6 +72,18 @@ def test_multi_mask_loss_weights_hypotheses(device):
     torch.testing.assert_close(L.multi_mask_loss(alphas, mask, probs).cpu(), torch.tensor(0.625))
 
 
+def test_hypothesis_choice_loss_is_the_cross_entropy_to_the_lowest_score(device):
+    scores = torch.tensor([[0.3, 0.1, 0.9], [0.2, 0.5, 0.05]], device=device)
+    logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]], device=device, requires_grad=True)
+    probs = logits.softmax(1)
+    loss = L.hypothesis_choice_loss(probs, scores)
+    by_hand = -(math.log(float(probs[0, 1])) + math.log(float(probs[1, 2]))) / 2
+    assert abs(float(loss) - by_hand) < 1e-5
+    loss.backward()
+    stepped = (logits - 0.1 * logits.grad).softmax(1)
+    assert stepped[0, 1] > probs[0, 1] and stepped[1, 2] > probs[1, 2]  # the chosen hypotheses gain
+
+
 def test_entropy_of_uniform_is_log_k(device):
     entropy = L.camera_entropy(torch.full((3, 8), 1 / 8, device=device))
     torch.testing.assert_close(entropy.cpu(), torch.tensor(math.log(8)))
@@ -296,6 +308,49 @@ def test_stage2_visible_vertex_loss_counts_what_each_hypothesis_shows(birds):
                                             {p: 1.0 for p in parts}, visible=visible.view(B, K, -1))
     torch.testing.assert_close(terms["visible"]["vertex"], 10.0 * expected)
     assert not torch.allclose(terms["visible"]["vertex"], terms["umr"]["vertex"])
+
+
+def test_stage2_best_hypothesis_choice_trains_the_probabilities_toward_the_losses_choice(birds):
+    """--hypothesis_choice best: the choice term is the cross-entropy of the probabilities to each
+    photo's hypothesis with the lowest silhouette + visible-vertex loss; the silhouette and vertex
+    terms still move the cameras but no longer train the probabilities."""
+    from umr.renderer import point_visibility
+
+    batch = birds["batch"]
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    labels = torch.randint(0, 5, (1280, 36))
+    parts = symmetric_bird("cpu")[2]
+    config = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1", use_gan=False, hypothesis_choice="best",
+                                       choice_loss_wt=0.5)
+    objective = Stage2Objective(model, config, labels, parts)
+    out = model(batch["img"], torch.zeros(3, 350), torch.full((3,), 0.5))
+    _, terms = objective(out, batch, 0)
+    heads = model.cam_predictor.camera_predictor
+    for name, trains_probs in (("mask", False), ("vertex", False), ("choice", True)):
+        model.zero_grad()
+        terms[name].backward(retain_graph=True)
+        prob_grad = sum(float(h.prob_predictor.weight.grad.abs().sum()) for h in heads if h.prob_predictor.weight.grad is not None)
+        assert (prob_grad > 0) == trains_probs, name
+        if name != "choice":
+            assert all(h.quat_predictor.pred_layer.weight.grad.abs().sum() > 0 for h in heads)
+
+    # the target, computed here from the renders of every hypothesis
+    B, K = out["cam_probs"].shape
+    verts = out["verts"].detach().repeat_interleave(K, dim=0)
+    cams = out["cam_hypotheses"].detach().reshape(B * K, 7)
+    renderer = make_renderer(SIZE)
+    render = renderer(verts, model.faces, cams)
+    neg_iou = L.neg_iou(render.image[:, 3], batch["mask"].repeat_interleave(K, 0)).view(B, K)
+    visible = point_visibility(verts, cams, render.depth, renderer.depth_offset).view(B, K, -1)
+    points = {p: batch[f"{p}_points"] for p in parts}
+    seen = L.vertex_correspondence_terms(model.get_mean_shape(), parts, out["cam_hypotheses"].detach(), points,
+                                         {p: 1.0 for p in parts}, visible)
+    target = (2.5 * neg_iou + 10.0 * seen).argmin(1)
+    expected = -torch.log(out["cam_probs"][torch.arange(B), target] + 1e-9).mean()
+    torch.testing.assert_close(terms["choice"], 0.5 * expected)
+    assert "choice" not in objective.__class__(model, ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1",
+                                                                                use_gan=False), labels, parts)(out, batch, 0)[1]
 
 
 def test_face_sample_labels_nearest_vs_compat_rounding():

@@ -92,3 +92,40 @@ def test_pose_diagnosis_chooses_the_hypothesis_whose_silhouette_fits(synth_set, 
     choices = choices_by_losses(model, batch, hyps, stemp)
     assert set(choices) == {"mask", "mask_and_umr_vertex", "mask_and_visible_vertex"}
     assert choices["mask"].tolist() == [right] * N
+
+
+def test_prob_refit_learns_a_choice_the_features_carry():
+    """``fit_probability_layers``: from layers that pick hypothesis 0 for every photo, the refit
+    picks each photo's target where one feature of the target's hypothesis marks it."""
+    from benchmarks.prob_refit import fit_probability_layers
+
+    g = torch.Generator().manual_seed(0)
+    N, K, F = 64, 4, 6
+    target = torch.randint(0, K, (N,), generator=g)
+    features = 0.1 * torch.randn(N, K, F, generator=g)
+    features[torch.arange(N), target, 2] += 1.0
+    weight, bias = torch.zeros(K, F), torch.tensor([3.0, 0.0, 0.0, 0.0])
+    assert ((features * weight).sum(-1) + bias).argmax(1).eq(0).all()
+    weight, bias = fit_probability_layers(features, weight, bias, target, steps=200, lr=0.05)
+    assert torch.equal(((features * weight[None]).sum(-1) + bias).argmax(1), target)
+
+
+def test_prob_refit_runs_end_to_end(synth_set, tmp_path, capsys, monkeypatch):
+    from benchmarks import prob_refit
+    from umr.data.synth_birds import truth_template
+
+    data = synth_set(0, 16, 2, 8, photo_size=96)
+    stemp = tmp_path / "truth_template"
+    truth_template(data / "gt" / "train.npz", stemp)
+    model = MeshNet(stage=2, img_size=64, pretrained_encoder=False, uv_height=32, uv_channels=64)
+    path = tmp_path / "s2.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model_config(model)}, path)
+    monkeypatch.setattr("sys.argv", ["prob_refit", "--model_path", str(path), "--data", str(data),
+                                     "--stemp_path", str(stemp), "--steps", "50"])
+    prob_refit.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_images"] == {"train": 16, "test": 8}
+    for key in ("rot_err_median", "refit_rot_err_median", "by_losses_rot_err_median"):
+        assert 0 <= result[key] <= 180
+    # fit on the training photos' own choice, the refit layers agree with it more than before
+    assert result["choice_accuracy"]["after"]["train"] >= result["choice_accuracy"]["before"]["train"]

@@ -509,3 +509,35 @@ def test_channels_last_is_the_same_function(tmp_path):
                                                              if p.grad is not None]))
     assert torch.allclose(results[True][0], results[False][0], rtol=1e-10)
     assert torch.allclose(results[True][1], results[False][1], rtol=1e-6, atol=1e-9 * results[False][1].abs().max())
+
+
+def test_prob_lr_mult_speeds_up_only_the_probability_layers(tmp_path):
+    """--prob_lr_mult: the camera-probability layers move that many times as far per Adam step
+    as every other weight, and the learning-rate decay keeps the ratio."""
+    from umr.distributed import Context
+    from umr.nets import MeshNet
+    from umr.objectives import ObjectiveConfig, Stage2Objective
+
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    parts = {p: torch.arange(3) for p in ("head", "neck", "back", "belly")}
+    objective = Stage2Objective(model, ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1"),
+                                torch.zeros(1280, 36, dtype=torch.long), parts)
+    settings = T.TrainSettings(prob_lr_mult=10.0, learning_rate=1e-4, checkpoint_dir=str(tmp_path))
+    trainer = T.Trainer(settings, model, objective, [], Context(0, 1, 0, torch.device("cpu")))
+    head = model.cam_predictor.camera_predictor[3]
+    before = {"prob": head.prob_predictor.weight.detach().clone(), "quat": head.quat_predictor.pred_layer.weight.detach().clone(),
+              "disc": next(objective.discriminator.parameters()).detach().clone()}
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = torch.ones_like(p)
+    trainer.optimizer.step()
+    trainer.scheduler.step()
+    moved = {"prob": head.prob_predictor.weight, "quat": head.quat_predictor.pred_layer.weight,
+             "disc": next(objective.discriminator.parameters())}
+    steps = {k: float((moved[k] - before[k]).abs().max()) for k in before}
+    assert abs(steps["prob"] - 1e-3) < 1e-6 and abs(steps["quat"] - 1e-4) < 1e-7 and abs(steps["disc"] - 1e-4) < 1e-7
+    faster = {id(p) for h in model.cam_predictor.camera_predictor for p in h.prob_predictor.parameters()}
+    assert {id(p) for p in trainer.optimizer.param_groups[1]["params"]} == faster
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert abs(lrs[1] / lrs[0] - 10.0) < 1e-9 and lrs[0] < 1e-4

@@ -25,6 +25,8 @@ __all__ = [
     "soft_iou",
     "mask_loss",
     "multi_mask_loss",
+    "hypothesis_neg_iou",
+    "hypothesis_choice_loss",
     "camera_entropy",
     "deform_loss",
     "orientation_loss",
@@ -63,12 +65,24 @@ def mask_loss(alpha: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return neg_iou(alpha, mask).mean()
 
 
+def hypothesis_neg_iou(alphas: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """negIoU (B, K) of every hypothesis' silhouette: alphas (B, K, H, W), mask (B, H, W)."""
+    B, K = alphas.shape[:2]
+    return neg_iou(alphas.flatten(0, 1), mask[:, None].expand(-1, K, -1, -1).flatten(0, 1)).view(B, K)
+
+
 def multi_mask_loss(alphas: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """Stage 2: ``mean_b Σ_k p_bk · negIoU(A_bk, M_b)``; alphas (B, K, H, W), probs (B, K) not
     detached (this is what trains the probability logits)."""
-    B, K = probs.shape
-    losses = neg_iou(alphas.flatten(0, 1), mask[:, None].expand(-1, K, -1, -1).flatten(0, 1)).view(B, K)
-    return (probs * losses).sum(1).mean()
+    return (probs * hypothesis_neg_iou(alphas, mask)).sum(1).mean()
+
+
+def hypothesis_choice_loss(probs: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy ``mean_b −log p_b,k*`` of the probabilities (B, K) to each row's
+    hypothesis with the lowest score (B, K): ``k* = argmin_k scores_bk`` (no gradient through
+    the scores or the choice)."""
+    target = scores.detach().argmin(1, keepdim=True)
+    return -torch.log(probs.gather(1, target).squeeze(1) + 1e-9).mean()
 
 
 def camera_entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from umr.nets import Discriminator, MeshNet
 from umr.quirks import Quirks
 from umr.renderer import RENDERER_BACKENDS, Renderer, make_renderer, point_visibility
 
-__all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective", "TemplateUpdate"]
+__all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective", "TemplateUpdate", "hypothesis_choice_scores"]
 
 
 @dataclass
@@ -76,6 +76,15 @@ class ObjectiveConfig:
                               "above or from below). visible: only the vertices each hypothesis' render shows, every "
                               "part weighted equally (mean per part), which tells those poses apart.",
                               stages=(2,), choices=("umr", "visible"))
+    hypothesis_choice: str = option("weighted", "How the camera probabilities learn. weighted: they weigh every "
+                                    "hypothesis' silhouette and vertex losses and learn from those losses' gradients "
+                                    "(the original). best: each photo's hypothesis with the lowest silhouette plus "
+                                    "visible-vertex loss (--vertex_loss visible's terms, which tell front from back "
+                                    "views) is the target of a cross-entropy on them (weight --choice_loss_wt); the "
+                                    "silhouette and vertex losses still move each hypothesis in proportion to its "
+                                    "probability, without training it.", stages=(2,), choices=("weighted", "best"))
+    choice_loss_wt: float = option(1.0, "Weight of the probabilities' cross-entropy under --hypothesis_choice best.",
+                                   stages=(2,), lower_bound=0.0)
     renderer: str = option("kernel", "Rasterizer behind the training renders: the C++/CUDA kernels, or the dense "
                            "PyTorch reference (same numbers, far slower; for checking the kernels).",
                            choices=tuple(RENDERER_BACKENDS))
@@ -90,6 +99,23 @@ class ObjectiveConfig:
     @classmethod
     def from_flags(cls, flags, stage: int) -> "ObjectiveConfig":
         return from_values(cls, flags, stage, quirks=Quirks.from_flags(flags))
+
+
+def hypothesis_choice_scores(config: ObjectiveConfig, neg_ious: torch.Tensor, template: torch.Tensor,
+                             part_vertices: dict, hypotheses: torch.Tensor, part_points: dict,
+                             visible: torch.Tensor) -> torch.Tensor:
+    """Each hypothesis' camera loss on its photo, as ``--hypothesis_choice best`` ranks them:
+    ``mask_loss_wt · negIoU + vertex_loss_wt · ℓ_visible`` (B, K), the vertex loss over the
+    vertices each hypothesis' render shows, every part weighted equally.
+
+    Args:
+        neg_ious: (B, K) silhouette negIoU of every hypothesis' render.
+        template, part_vertices, hypotheses, part_points, visible: as
+            :func:`umr.losses.vertex_correspondence_terms`.
+    """
+    every_part = {p: 1.0 for p in part_vertices}
+    seen = L.vertex_correspondence_terms(template, part_vertices, hypotheses, part_points, every_part, visible)
+    return config.mask_loss_wt * neg_ious + config.vertex_loss_wt * seen
 
 
 def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
@@ -302,7 +328,10 @@ class Stage2Objective(_Objective):
         render = self.renderer(verts.repeat_interleave(K, dim=0), faces, hyps.reshape(B * K, 7),
                                    textures.repeat_interleave(K, dim=0), rgb_geometry_grad=False)
         alphas = render.image[:, 3]
-        terms["mask"] = c.mask_loss_wt * L.multi_mask_loss(alphas.view(B, K, *alphas.shape[1:]), mask, probs)
+        # under "best" the probabilities learn from the choice term alone
+        weighting = probs.detach() if c.hypothesis_choice == "best" else probs
+        neg_ious = L.hypothesis_neg_iou(alphas.view(B, K, *alphas.shape[1:]), mask)
+        terms["mask"] = c.mask_loss_wt * (weighting * neg_ious).sum(1).mean()
         terms.update(self._regularisers(out))
         terms["deform"] = c.deform_reg_wt * L.deform_loss(out["delta_v"])
 
@@ -328,12 +357,17 @@ class Stage2Objective(_Objective):
         part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.quirks.q17_no_epsilon)
         terms["part"] = c.prob_loss_wt * self.part_loss(verts, faces, cam_s, part_maps)
         points = {p: batch[f"{p}_points"] for p in self.part_vertices}
-        weights, visible = self.vertex_loss_weights, None
-        if c.vertex_loss == "visible":
-            weights = {p: 1.0 for p in self.part_vertices}
+        visible = None
+        if c.vertex_loss == "visible" or c.hypothesis_choice == "best":
             visible = point_visibility(verts.detach().repeat_interleave(K, dim=0), hyps.detach().reshape(B * K, 7),
                                        render.depth, self.renderer.depth_offset).view(B, K, -1)
-        terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(template, self.part_vertices, hyps, probs, points,
-                                                                          weights, train_probs=not c.quirks.detached_probs,
-                                                                          visible=visible)
+        every_part = {p: 1.0 for p in self.part_vertices}
+        visible_only = c.vertex_loss == "visible"
+        terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(
+            template, self.part_vertices, hyps, weighting, points, every_part if visible_only else self.vertex_loss_weights,
+            train_probs=not c.quirks.detached_probs, visible=visible if visible_only else None)
+        if c.hypothesis_choice == "best":
+            with torch.no_grad():
+                scores = hypothesis_choice_scores(c, neg_ious, template, self.part_vertices, hyps, points, visible)
+            terms["choice"] = c.choice_loss_wt * L.hypothesis_choice_loss(probs, scores)
         return sum(terms.values()), terms

@@ -81,6 +81,8 @@ class TrainSettings:
     num_pretrain_epochs: int = option(0, "First epoch index (the original's way to continue a run).")
     learning_rate: float = option(1e-4, "Adam learning rate (decays as lr / (1 + 5e-4 · iteration)).",
                                   lower_bound=0.0)
+    prob_lr_mult: float = option(1.0, "Learning-rate multiplier of the camera hypotheses' probability layers (1: "
+                                 "the learning rate of every other weight).", stages=(2,), lower_bound=0.0)
     beta1: float = option(0.9, "Adam beta1 (SGD momentum with --use_sgd).")
     use_sgd: bool = option(False, "SGD instead of Adam.")
     optim_bs: int = option(1, "Optimiser step every this many iterations (gradients accumulate).", lower_bound=1)
@@ -121,8 +123,8 @@ class TrainSettings:
                        "benchmarks/bench_train_step.py --amp measures what it gains on yours.")
 
     @classmethod
-    def from_flags(cls, flags) -> "TrainSettings":
-        return from_values(cls, flags)
+    def from_flags(cls, flags, stage: Optional[int] = None) -> "TrainSettings":
+        return from_values(cls, flags, stage)
 
 
 class SampleNoise(Dataset):
@@ -274,11 +276,18 @@ class Trainer:
             )
         self.dataset = SampleNoise(dataset, model.latent_size, settings.seed)
         params = list(self.model.trainable_parameters())
+        faster = {id(p) for n, p in self.model.named_parameters() if ".prob_predictor." in n}
+        if settings.prob_lr_mult != 1.0 and faster:  # the camera probabilities (stage 2) get their own rate
+            params = [{"params": [p for p in params if id(p) not in faster]},
+                      {"params": [p for p in params if id(p) in faster],
+                       "lr": settings.learning_rate * settings.prob_lr_mult}]
+        else:
+            params = [{"params": params}]
         # fused implementations: on CPU the default Adam step over the 85M parameters takes ~1 s
         if settings.use_sgd:  # SGD trains the model's parameters only
             self.optimizer = torch.optim.SGD(params, lr=settings.learning_rate, momentum=settings.beta1, foreach=True)
         else:
-            params += list(getattr(objective, "trainable_parameters", list)())
+            params[0]["params"] += list(getattr(objective, "trainable_parameters", list)())
             self.optimizer = torch.optim.Adam(params, lr=settings.learning_rate, betas=(settings.beta1, 0.999),
                                               fused=True)
         self.scheduler = InverseDecayLR(self.optimizer)
