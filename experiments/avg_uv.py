@@ -50,6 +50,7 @@ from umr.obj_io import save_obj
 from umr.quirks import Quirks
 from umr.evaluation import oracle_texture_flow
 from umr.geometry import sample_textures
+from umr.objectives import facing_cameras
 from umr.renderer import face_pixel_centers, make_renderer
 from umr.visuals import template_views
 
@@ -63,6 +64,9 @@ flags.DEFINE_enum("uv_source", "flow", ["flow", "render"],
                   "the original), or through the predicted mesh and camera (render: each texture sample is "
                   "projected and reads the part map where its face, or its mirror twin, is visible). render needs "
                   "no trained texture flow, only the shape and camera, which stage 1 learns first.")
+flags.DEFINE_bool("mirror_cameras", False, "Use, per image, the predicted camera or its mirror image (the bird facing "
+                  "the other way), whichever silhouette fits the image's mask better: for a stage 1 trained with "
+                  "train_s1 --mirror_cameras, whose camera alone does not say which way the bird faces.")
 FLAGS = flags.FLAGS
 
 
@@ -174,6 +178,12 @@ def main(_):
 
     reader = make_renderer(FLAGS.image_size)  # z-buffer only
 
+    def predict(img, mask):
+        out = model(img)
+        if FLAGS.mirror_cameras:
+            out["cam"] = facing_cameras(reader, out["verts"], faces, out["cam"], mask, model.axis)[0]
+        return out
+
     def part_readings(part_prob, out):
         """A batch's part maps in the template's UV space: summed readings (B, 5, H', W') and
         their weights (B, 1, H', W') (flow: every texel once; render: per texture sample)."""
@@ -189,7 +199,7 @@ def main(_):
     scores, best, best_score = [], None, np.inf
     with torch.no_grad():
         for batch in batches(0, "avg_uv pass 1 (exemplar)"):
-            out = model(batch["img"])
+            out = predict(batch["img"], batch["mask"])
             img, mask = batch["img"], batch["mask"][:, None]
             cam, target = exemplar_view(out["cam"], img * mask, original)
             render = renderer(out["verts"], faces, cam).image
@@ -214,7 +224,8 @@ def main(_):
         dataset.set_epoch(0)
         item = dataset[exemplar]
         with torch.no_grad():
-            out = model(torch.from_numpy(item["img"])[None].to(ctx.device))
+            out = predict(torch.from_numpy(item["img"])[None].to(ctx.device),
+                          torch.from_numpy(item["mask"])[None].to(ctx.device))
             best = mean_reading(*part_readings(torch.from_numpy(item["part_prob"])[None].to(ctx.device), out))
     best_map, best_seen = best
 
@@ -222,7 +233,7 @@ def main(_):
     total, weight = 0, 0
     with torch.no_grad():
         for batch in batches(1, "avg_uv pass 2 (average)"):
-            out = model(batch["img"])
+            out = predict(batch["img"], batch["mask"])
             readings, weights = part_readings(batch["part_prob"], out)
             maps, seen = mean_reading(readings, weights)
             both = seen * best_seen

@@ -61,6 +61,8 @@ flags.DEFINE_integer("s2_iters", None, "Stage-2 iterations (default: the recipe'
 flags.DEFINE_integer("number_pairs", None, "Keypoint-transfer pairs of the evaluation (default: the recipe's).")
 flags.DEFINE_enum("vertex_loss", "umr", ["umr", "visible"], "Stage 2's vertex correspondence loss (train_s2 --vertex_loss).")
 flags.DEFINE_enum("template_update", "mean", ["mean", "median"], "What stage 1's template absorbs at each update (train_s1 --template_update): the mean or the median predicted deformation.")
+flags.DEFINE_bool("mirror_cameras", False, "Stage 1 trains through its camera or the camera's mirror image, whichever "
+                  "silhouette fits (train_s1 and avg_uv --mirror_cameras).")
 flags.DEFINE_bool("amp", False, "Train with bfloat16 autocast for the networks (train_s1/s2 --amp).")
 flags.DEFINE_string("device", "auto", "auto, cpu or cuda.")
 flags.DEFINE_integer("n_data_workers", 1, "DataLoader workers of every step.")
@@ -144,7 +146,7 @@ def main(_):
     train("stage 1", "experiments.train_s1", s1_name, f"--batch_size={recipe['s1_batch']}",
           f"--num_epochs={recipe['s1_epochs']}", f"--update_template_freq={recipe['template_every']}",
           f"--stop_ori_epoch={recipe['s1_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3",
-          f"--template_update={FLAGS.template_update}")
+          f"--template_update={FLAGS.template_update}", f"--{'' if FLAGS.mirror_cameras else 'no'}mirror_cameras")
     s1 = snapshots / s1_name
     stemp = s1 / "semantic_template"
     if (stemp / "mean_v.pth").is_file() and (stemp / "vertices_idx" / "back_vertices.npy").is_file():
@@ -152,7 +154,8 @@ def main(_):
     else:
         times["avg_uv"] = run("semantic template", "experiments.avg_uv", *data_flags, *net_flags,
                               f"--scops_path={data / 'scops'}", f"--model_path={s1 / 'pred_net_latest.pth'}",
-                              f"--out_dir={stemp}", "--batch_size=16", "--texture_loss=l1", "--uv_source=render")
+                              f"--out_dir={stemp}", "--batch_size=16", "--texture_loss=l1", "--uv_source=render",
+                              f"--{'' if FLAGS.mirror_cameras else 'no'}mirror_cameras")
     train("stage 2", "experiments.train_s2", s2_name, f"--scops_path={data / 'scops'}", f"--stemp_path={stemp}",
           f"--batch_size={recipe['s2_batch']}", "--num_epochs=100000", f"--num_iter={recipe['s2_iters']}",
           f"--init_from={s1 / 'pred_net_latest.pth'}", "--learning_rate=1e-4", f"--vertex_loss={FLAGS.vertex_loss}")

@@ -190,3 +190,35 @@ def test_device_and_dtype_follow_input():
         pts = torch.zeros(1, 2, 3, dtype=dtype)
         assert G.orthographic_proj_withz(pts, cams).dtype == dtype
         assert G.rotate_cam(cams, torch.tensor([10.0])).dtype == dtype
+
+
+def front_heavy_symmetric_shape():
+    """A template symmetric under y → −y whose front (x > 0.3) is raised: its side view is not
+    its own mirror image."""
+    from umr.mesh import symmetric_template
+
+    mesh = symmetric_template()
+    verts = torch.from_numpy(mesh.verts).float() * torch.tensor([0.8, 0.45, 0.5])
+    verts[:, 2] += 0.35 * (verts[:, 0] > 0.3).float()
+    return verts, torch.from_numpy(mesh.faces)
+
+
+def test_mirror_cam_draws_the_horizontal_mirror_image_with_the_same_depths():
+    from umr.renderer import make_renderer
+
+    verts, faces = front_heavy_symmetric_shape()
+    quats = G.matrix_to_quat(torch.from_numpy(Rotation.from_euler("xyz", [[100, 10, 30], [70, -20, 160]],
+                                                                  degrees=True).as_matrix()).float())
+    cams = torch.cat([torch.tensor([[0.8, 0.1, -0.05], [0.7, -0.2, 0.1]]), quats], 1)
+    renderer = make_renderer(64)
+    plain = renderer(verts.expand(2, -1, -1), faces, cams)
+    mirrored = renderer(verts.expand(2, -1, -1), faces, G.mirror_cam(cams))
+    alpha, alpha_m = plain.image[:, 3], mirrored.image[:, 3]
+    assert (alpha - alpha.flip(-1)).abs().mean() > 0.05  # the mirror image is a different picture
+    assert (alpha_m - alpha.flip(-1)).abs().mean() < 0.01
+    inside = (alpha.flip(-1) > 0.99) & (alpha_m > 0.99)
+    inside = inside.repeat_interleave(2, -1).repeat_interleave(2, -2)  # depth is at the 2x raster
+    assert (mirrored.depth - plain.depth.flip(-1))[inside].abs().max() < 0.05
+    twice = G.mirror_cam(G.mirror_cam(cams))
+    assert torch.allclose(twice[:, :3], cams[:, :3])
+    assert torch.allclose(G.quat_to_matrix(twice[:, 3:]), G.quat_to_matrix(cams[:, 3:]), atol=1e-6)

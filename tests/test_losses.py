@@ -477,3 +477,47 @@ def test_gan_loss_trains_discriminator_and_reverses_generator_gradient(device):
     labels = torch.cat([torch.ones(2, 1), torch.zeros(2, 1)]).to(device)
     torch.nn.functional.binary_cross_entropy_with_logits(logits, labels).backward()
     torch.testing.assert_close(fake_grad, -0.2 * fake.grad)
+
+
+def test_facing_cameras_take_the_mirror_image_where_its_silhouette_fits():
+    from test_geometry import front_heavy_symmetric_shape
+    from umr.geometry import matrix_to_quat, mirror_cam
+    from umr.objectives import facing_cameras
+
+    verts, faces = front_heavy_symmetric_shape()
+    side = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])  # bird x → image x, z → up
+    cams = torch.cat([torch.tensor([[0.8, 0.05, 0.0], [0.8, -0.05, 0.0]]), matrix_to_quat(side).expand(2, 4)], 1)
+    renderer = make_renderer(SIZE)
+    # photo 0 as the camera draws it, photo 1 as its mirror image draws it
+    truth = torch.stack([cams[0], mirror_cam(cams)[1]])
+    mask = (renderer(verts.expand(2, -1, -1), faces, truth).image[:, 3] > 0.5).float()
+    cams.requires_grad_(True)
+    chosen, mirrored = facing_cameras(renderer, verts.expand(2, -1, -1), faces, cams, mask)
+    assert mirrored.tolist() == [False, True]
+    torch.testing.assert_close(chosen.detach(), truth)
+    chosen.sum().backward()
+    assert (cams.grad.abs().sum(1) > 0).all()  # both rows train the predicted camera
+
+
+def test_stage1_mirror_cameras_trains_through_the_better_facing():
+    """train_s1 --mirror_cameras: a photo of the mesh facing the other way costs the silhouette
+    loss of the mirrored camera, not of the predicted one."""
+    from test_geometry import front_heavy_symmetric_shape
+    from umr.geometry import mirror_cam
+
+    torch.manual_seed(0)
+    model = MeshNet(stage=1, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    batch = {"img": torch.rand(2, 3, SIZE, SIZE), "mask_dt": torch.rand(2, SIZE, SIZE)}
+    out = model(batch["img"], torch.zeros(2, model.latent_size), torch.full((2,), 0.5))
+    verts = front_heavy_symmetric_shape()[0].expand(2, -1, -1).contiguous()
+    out["verts"] = verts
+    renderer = make_renderer(SIZE)
+    mirrored = mirror_cam(out["cam"].detach())
+    batch["mask"] = (renderer(verts, model.faces, mirrored).image[:, 3] > 0.5).float()
+    mask_terms = {}
+    for on in (False, True):
+        config = ObjectiveConfig.for_stage(1, image_size=SIZE, texture_loss="l1", use_gan=False, mirror_cameras=on)
+        mask_terms[on] = Stage1Objective(model, config)(out, batch, 0)[1]["mask"]
+    expected = 3.0 * L.mask_loss(renderer(verts, model.faces, mirrored).image[:, 3], batch["mask"])
+    torch.testing.assert_close(mask_terms[True], expected)
+    assert mask_terms[False] > mask_terms[True] + 0.1

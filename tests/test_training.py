@@ -56,7 +56,8 @@ def assert_states_close(a, b, atol):
 
 def test_pipeline_smoke(data_dir, tmp_path):
     """train_s1 → avg_uv → train_s2 run end to end and write what the next step reads."""
-    s1 = train_flags(data_dir, tmp_path, "s1", "--num_epochs=2", "--update_template_freq=1", "--display_freq=2")
+    s1 = train_flags(data_dir, tmp_path, "s1", "--num_epochs=2", "--update_template_freq=1", "--display_freq=2",
+                     "--mirror_cameras")
     result = run("experiments.train_s1", *s1)
     assert "checkpoints in" in result.stdout
     ckpt = tmp_path / "snapshots" / "s1" / "pred_net_latest.pth"
@@ -71,6 +72,7 @@ def test_pipeline_smoke(data_dir, tmp_path):
     # the resolved configuration is in the run folder: stage 1's defaults and the command line's values
     config = json.loads((tmp_path / "snapshots" / "s1" / "config.json").read_text())
     assert config["objective"]["mask_loss_wt"] == 3.0 and config["objective"]["update_template_freq"] == 1
+    assert config["objective"]["mirror_cameras"] is True
     assert config["train"]["batch_size"] == 4 and config["model"]["stage"] == 1 and config["model"]["nz_feat"] == 200
     assert config["flags"]["texture_loss"] == "l1"
 
@@ -83,7 +85,7 @@ def test_pipeline_smoke(data_dir, tmp_path):
     assert refused.returncode == 2 and "too few of the 642 template vertices" in refused.stderr
     assert "Traceback" not in refused.stderr
     run("experiments.avg_uv", *data_flags(data_dir), f"--model_path={ckpt}", f"--out_dir={stemp}", "--batch_size=4",
-        "--texture_loss=l1", "--min_part_share=0")
+        "--texture_loss=l1", "--min_part_share=0", "--mirror_cameras")
     for name in ("semantic_prob.npy", "semantic_seg.png", "mean_v.pth", "mean_template.obj", "vertex_label.obj",
                  "vertices_idx/head_vertices.npy", "vertices_idx/belly_vertices.npy"):
         assert (stemp / name).is_file(), name

@@ -31,6 +31,7 @@ __all__ = [
     "orthographic_proj",
     "orthographic_proj_withz",
     "rotate_cam",
+    "mirror_cam",
     "sample_textures",
 ]
 
@@ -187,6 +188,28 @@ def rotate_cam(cam: torch.Tensor, angles_deg: torch.Tensor, axis=(0.0, 1.0, 0.0)
     axis = torch.as_tensor(axis, dtype=cam.dtype, device=cam.device).expand(cam.shape[0], 3)
     quat = hamilton_product(axis_angle_to_quat(axis, angles), cam[:, 3:7])
     return torch.cat((cam[:, :3], quat), dim=-1)
+
+
+def mirror_cam(cam: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """The camera that draws a shape symmetric under ``X_axis → −X_axis`` (the template's
+    bilateral symmetry, ``--axis``) as the horizontal mirror image of what ``cam`` draws: the
+    same view of the object facing the other way.
+
+    With F = diag(−1, 1, 1) the image mirror and S the object mirror, the rotation is
+    ``F R S = R_x(π) R R_axis(π)`` (a proper rotation: F = −R_x(π), S = −R_axis(π)) and tx → −tx;
+    depths are kept, so the same faces are seen (mirror twins). Applying it twice gives ``cam``
+    back (the quaternion up to sign).
+
+    Args:
+        cam: (B, 7).
+    Returns:
+        (B, 7).
+    """
+    half_turn_x = cam.new_tensor([0.0, 1.0, 0.0, 0.0]).expand(cam.shape[0], 4)
+    half_turn_axis = torch.zeros(4, dtype=cam.dtype, device=cam.device)
+    half_turn_axis[1 + axis] = 1.0
+    quat = hamilton_product(hamilton_product(half_turn_x, cam[:, 3:7]), half_turn_axis.expand(cam.shape[0], 4))
+    return torch.cat((cam[:, :1], -cam[:, 1:2], cam[:, 2:3], quat), dim=-1)
 
 
 def sample_textures(flow: torch.Tensor, image: torch.Tensor, align_corners: bool = ALIGN_CORNERS) -> torch.Tensor:

@@ -28,13 +28,14 @@ from torch import nn
 from umr import losses as L
 from umr.category import BIRDS, CategorySpec
 from umr.config import for_stage, from_values, option
-from umr.geometry import rotate_cam, sample_textures
+from umr.geometry import mirror_cam, rotate_cam, sample_textures
 from umr.mesh import FlattenLoss, LaplacianLoss
 from umr.nets import Discriminator, MeshNet
 from umr.quirks import Quirks
 from umr.renderer import RENDERER_BACKENDS, Renderer, make_renderer, point_visibility
 
-__all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective", "TemplateUpdate", "hypothesis_choice_scores"]
+__all__ = ["ObjectiveConfig", "Stage1Objective", "Stage2Objective", "TemplateUpdate", "hypothesis_choice_scores",
+           "facing_cameras"]
 
 
 @dataclass
@@ -66,6 +67,11 @@ class ObjectiveConfig:
                                   "deformations over the epoch's photos (the original), or their per-coordinate median, "
                                   "which the minority of photos that stage 1's single camera explains from a wrong view "
                                   "(and so with a distorted shape) cannot drag.", stages=(1,), choices=("mean", "median"))
+    mirror_cameras: bool = option(False, "Render each photo also with its camera's mirror image (the same view of "
+                                  "the bird facing the other way) and train through whichever silhouette fits the "
+                                  "photo better. A single camera regressed from silhouettes rarely turns a bird "
+                                  "round, so without it stage 1 explains the birds that face the other way with a "
+                                  "shape whose head and tail average into a lump.", stages=(1,))
     # stage 2
     ent_loss_wt: float = option(0.05, "Camera-probability entropy weight (minimised).", stages=(2,), lower_bound=0.0)
     prob_loss_wt: float = option(5.0, "Part matching loss weight.", stages=(2,), lower_bound=0.0)
@@ -116,6 +122,26 @@ def hypothesis_choice_scores(config: ObjectiveConfig, neg_ious: torch.Tensor, te
     every_part = {p: 1.0 for p in part_vertices}
     seen = L.vertex_correspondence_terms(template, part_vertices, hypotheses, part_points, every_part, visible)
     return config.mask_loss_wt * neg_ious + config.vertex_loss_wt * seen
+
+
+def facing_cameras(renderer: Renderer, verts: torch.Tensor, faces: torch.Tensor, cam: torch.Tensor,
+                   mask: torch.Tensor, axis: int = 1):
+    """Per photo, its camera or the camera's mirror image (:func:`umr.geometry.mirror_cam`),
+    whichever silhouette of ``verts`` fits ``mask`` better (lower negIoU).
+
+    Args:
+        verts: (B, V, 3) meshes symmetric under ``X_axis → −X_axis``; faces (F, 3).
+        cam: (B, 7); mask (B, H, W).
+    Returns:
+        The chosen cameras (B, 7), differentiable in ``cam`` (the choice is not), and which
+        photos took the mirror image (B,) bool.
+    """
+    flipped = mirror_cam(cam, axis)
+    with torch.no_grad():
+        alphas = renderer(torch.cat([verts, verts]).detach(), faces, torch.cat([cam, flipped]).detach()).image[:, 3]
+        losses = L.neg_iou(alphas, torch.cat([mask, mask]).to(alphas)).view(2, len(cam))
+        mirrored = losses[1] < losses[0]
+    return torch.where(mirrored[:, None], flipped, cam), mirrored
 
 
 def _gan_angles(batch: dict, verts: torch.Tensor) -> torch.Tensor:
@@ -198,6 +224,8 @@ class Stage1Objective(_Objective):
         c = self.config
         verts, cam, faces = out["verts"], out["cam"], self.faces
         img, mask = batch["img"], batch["mask"]
+        if c.mirror_cameras:
+            cam = facing_cameras(self.renderer, verts, faces, cam, mask, self.axis)[0]
         terms = {}
         textures = sample_textures(out["tex_flow"], img)
         render = self.renderer(verts, faces, cam, textures, return_p2f=c.quirks.q2_softras_p2f,
