@@ -1,4 +1,4 @@
-r"""Where a stage-2 model's pose error comes from, on a synthetic split; prints one JSON line.
+r"""Where a stage-1 or stage-2 model's pose error comes from, on a synthetic split; prints one JSON line.
 
 Keys: ``rot_err_median`` / ``rot_err_mean`` (the most probable hypothesis, after the one global
 rotation between the model's frame and the truth's, as test_3d), ``oracle_rot_err_median`` (the
@@ -6,13 +6,16 @@ best of the K hypotheses for every photo: what a perfect choice would reach), ``
 many photos each hypothesis wins), ``top_prob_mean``, ``spread_deg`` (per hypothesis, the
 median angle between its rotations over the photos and their mean: near 0 means one fixed
 view), ``err_by_view`` (median error of side, front and back views by the true azimuth) and
-``flips`` (share of errors above 135°). With ``--stemp_path`` (the run's semantic template) also
+``flips`` (share of errors above 135°), ``facing`` (the views within 60° of a side: the share
+whose predicted camera faces the bird the way the photo does, ``agree``, and the shares facing
+right, predicted and true; a camera that never turns the bird round agrees on about half).
+A stage-1 model (one camera) gets the same keys. With ``--stemp_path`` (the run's semantic template) also
 ``chosen_by_losses``: the error when each photo's hypothesis is the one with the lowest stage-2
 camera loss on that photo (silhouette IoU of the predicted mesh, plus UMR's or the visible vertex
 loss, at stage 2's weights; the last is ``train_s2 --hypothesis_choice best``'s target). It needs
 the photo's mask and part points, so it is a diagnosis of the probabilities, not a way to predict.
 
-    python -m benchmarks.pose_diagnosis --model_path <stage-2 pred_net_latest.pth> \
+    python -m benchmarks.pose_diagnosis --model_path <stage-1 or stage-2 pred_net_latest.pth> \
         --data <synthetic set> [--split test] [--stemp_path <semantic template>]
 """
 from __future__ import annotations
@@ -75,8 +78,8 @@ def main():
     parser.add_argument("--stemp_path", default=None, help="the run's semantic template: also choose by the losses")
     args = parser.parse_args()
     model = load_model(args.model_path, torch.device("cpu"))
-    if model.stage != 2:
-        parser.error("--model_path: a stage-2 model is needed (camera hypotheses)")
+    if model.stage != 2 and args.stemp_path:
+        parser.error("--stemp_path: a stage-2 model is needed (camera hypotheses to choose among)")
     size = model.arch["img_size"]
     dataset = CUBDataset(f"{args.data}/CUB_200_2011", f"{args.data}/cachedir/cub", split=args.split, img_size=size,
                          mirror=False, scops_path=f"{args.data}/scops" if args.stemp_path else None)
@@ -85,9 +88,12 @@ def main():
     true = rotation_of(canonical_camera(torch.from_numpy(np.stack([it["sfm_pose"] for it in items]))).float())
     with torch.no_grad():
         outs = [model(images[i : i + 32]) for i in range(0, len(images), 32)]
-    hyps = torch.cat([o["cam_hypotheses"] for o in outs])
-    probs = torch.cat([o["cam_probs"] for o in outs])
     chosen = torch.cat([o["cam"] for o in outs])
+    if model.stage == 2:
+        hyps = torch.cat([o["cam_hypotheses"] for o in outs])
+        probs = torch.cat([o["cam_probs"] for o in outs])
+    else:  # stage 1: its one camera
+        hyps, probs = chosen[:, None], torch.ones(len(chosen), 1)
     errors, g = align_rotations(rotation_of(chosen), true)
     K = hyps.shape[1]
     per_hyp = torch.stack([angle_deg(rotation_of(hyps[:, k]) @ g, true) for k in range(K)], 1)
@@ -100,6 +106,9 @@ def main():
     azimuth = torch.rad2deg(torch.atan2(forward[:, 2], forward[:, 0]))
     views = {"side": (azimuth.abs() < 50) | (azimuth.abs() > 130),
              "front_or_back": (azimuth.abs() >= 50) & (azimuth.abs() <= 130)}
+    # which way side views face: the sign of the bird's forward axis along the image's x
+    facing_true, facing_pred = forward[:, 0] > 0, (rotation_of(chosen) @ g)[:, 0, 0] > 0
+    side = forward[:, 0].abs() > 0.5
     by_losses = None
     if args.stemp_path:
         batch = default_collate(items)
@@ -115,6 +124,9 @@ def main():
         "err_by_view": {name: {"n": int(sel.sum()), "median": round(float(errors[sel].median()), 1) if sel.any() else None}
                         for name, sel in views.items()},
         "flips": round(float((errors > 135).float().mean()), 3),
+        "facing": {"n": int(side.sum()), "agree": round(float((facing_true == facing_pred)[side].float().mean()), 3),
+                   "predicted_right": round(float(facing_pred[side].float().mean()), 3),
+                   "true_right": round(float(facing_true[side].float().mean()), 3)},
         "num_images": len(items),
         **({"chosen_by_losses": by_losses} if by_losses else {}),
     }))

@@ -129,3 +129,24 @@ def test_prob_refit_runs_end_to_end(synth_set, tmp_path, capsys, monkeypatch):
         assert 0 <= result[key] <= 180
     # fit on the training photos' own choice, the refit layers agree with it more than before
     assert result["choice_accuracy"]["after"]["train"] >= result["choice_accuracy"]["before"]["train"]
+
+
+def test_pose_diagnosis_takes_stage1_models_and_reports_which_way_side_views_face(synth_set, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from benchmarks import pose_diagnosis
+
+    data = synth_set(0, 16, 2, 8, photo_size=96)
+    torch.manual_seed(0)
+    model = MeshNet(stage=1, img_size=64, pretrained_encoder=False, uv_height=32, uv_channels=64)
+    with torch.no_grad():  # one fixed view for every photo: the bird faces one way in all of them
+        model.cam_predictor.quat_predictor.weight.zero_()
+        model.cam_predictor.quat_predictor.bias.copy_(torch.tensor([0.7071, 0.7071, 0.0, 0.0]))
+    path = tmp_path / "s1.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model_config(model)}, path)
+    monkeypatch.setattr("sys.argv", ["pose_diagnosis", "--model_path", str(path), "--data", str(data)])
+    pose_diagnosis.main()
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["chosen"] == [8] and result["oracle_rot_err_median"] == result["rot_err_median"]
+    facing = result["facing"]
+    assert 0 < facing["n"] <= 8 and facing["predicted_right"] in (0.0, 1.0)
+    assert abs(facing["agree"] - (facing["true_right"] if facing["predicted_right"] else 1 - facing["true_right"])) < 1e-3
