@@ -61,13 +61,13 @@ def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path) -> dic
     with torch.no_grad():
         verts = model(batch["img"].float())["verts"].repeat_interleave(K, 0)
         render = renderer(verts, model.faces, hyps.reshape(N * K, 7))
-        mask = config.mask_loss_wt * L.neg_iou(render.image[:, 3], batch["mask"].float().repeat_interleave(K, 0)).view(N, K)
+        neg_ious = L.neg_iou(render.image[:, 3], batch["mask"].float().repeat_interleave(K, 0)).view(N, K)
         umr = L.vertex_correspondence_terms(template, semantic.vertices, hyps, points, BIRDS.vertex_loss_weights)
         visible = point_visibility(verts, hyps.reshape(N * K, 7), render.depth, renderer.depth_offset).view(N, K, -1)
-        seen = hypothesis_choice_scores(config, mask / config.mask_loss_wt, template, semantic.vertices, hyps, points,
-                                        visible)
-    return {"mask": mask.argmin(1), "mask_and_umr_vertex": (mask + config.vertex_loss_wt * umr).argmin(1),
-            "mask_and_visible_vertex": seen.argmin(1)}
+        best = hypothesis_choice_scores(config, neg_ious, template, semantic.vertices, hyps, points, visible)
+    return {"mask": neg_ious.argmin(1),
+            "mask_and_umr_vertex": (config.mask_loss_wt * neg_ious + config.vertex_loss_wt * umr).argmin(1),
+            "mask_and_visible_vertex": best.argmin(1)}
 
 
 def main():

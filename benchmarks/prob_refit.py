@@ -10,9 +10,10 @@ the refit layers, from the image alone as the model predicts.
 
 Keys: ``rot_err_median`` (the model's own pick), ``refit_rot_err_median`` (the refit layers'
 pick), ``by_losses_rot_err_median`` (each test photo's lowest-score hypothesis, which needs its
-mask and part points: what a perfect refit would reach), and the share of photos whose pick is the losses' choice, before and after
-(``choice_accuracy``: train / test). Errors are test medians after the one global rotation
-between frames, as ``benchmarks.pose_diagnosis`` computes them.
+mask and part points: what a perfect refit would reach), and ``choice_accuracy`` (the share of
+photos whose pick is the losses' choice, before and after, training and test photos). Errors
+are test medians after the one global rotation between frames, as ``benchmarks.pose_diagnosis``
+computes them.
 
     python -m benchmarks.prob_refit --model_path <stage-2 pred_net_latest.pth> \
         --data <synthetic set> --stemp_path <its semantic template> [--steps 500] [--lr 1e-2]

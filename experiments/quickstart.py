@@ -1,6 +1,6 @@
 """The whole pipeline on built-in synthetic birds, sized for a CPU:
 
-    python -m experiments.quickstart                   # ~7 minutes on 2 cores
+    python -m experiments.quickstart                   # ~7-10 minutes on 2 cores
     python -m experiments.quickstart --recipe long     # the long CPU recipe (about an hour; run it again to resume)
 
 1. generate a synthetic bird set (CUB + CMR-cache + SCOPS layout, with 3-D truth),
@@ -55,7 +55,7 @@ RECIPES = {
                  s2_iters=3000, s2_batch=8, number_pairs=1000, mirror_cameras=False),
 }
 
-flags.DEFINE_enum("recipe", "quick", list(RECIPES), "quick: ~7 minutes on a 2-core CPU; long: about an hour (3,000 photos, bird-shaped results), resumable.")
+flags.DEFINE_enum("recipe", "quick", list(RECIPES), "quick: ~7-10 minutes on a 2-core CPU; long: about an hour (3,000 photos, bird-shaped results), resumable.")
 flags.DEFINE_string("out", None, "Everything goes under this directory (default cachedir/<recipe>).")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic data set.")
 flags.DEFINE_integer("img_size", 64, "Image and render size (a multiple of 64).")
@@ -147,10 +147,11 @@ def main(_):
                           "--resume" if state == "partial" else "--overwrite")
 
     s1_name, s2_name = f"{FLAGS.recipe}_s1", f"{FLAGS.recipe}_s2"
+    mirror_flag = f"--{'' if recipe['mirror_cameras'] else 'no'}mirror_cameras"
     train("stage 1", "experiments.train_s1", s1_name, f"--batch_size={recipe['s1_batch']}",
           f"--num_epochs={recipe['s1_epochs']}", f"--update_template_freq={recipe['template_every']}",
           f"--stop_ori_epoch={recipe['s1_epochs']}", "--side_view_init", "--deform_reg_wt=0.5", "--learning_rate=1e-3",
-          f"--template_update={FLAGS.template_update}", f"--{'' if recipe['mirror_cameras'] else 'no'}mirror_cameras")
+          f"--template_update={FLAGS.template_update}", mirror_flag)
     s1 = snapshots / s1_name
     stemp = s1 / "semantic_template"
     if (stemp / "mean_v.pth").is_file() and (stemp / "vertices_idx" / "back_vertices.npy").is_file():
@@ -159,7 +160,7 @@ def main(_):
         times["avg_uv"] = run("semantic template", "experiments.avg_uv", *data_flags, *net_flags,
                               f"--scops_path={data / 'scops'}", f"--model_path={s1 / 'pred_net_latest.pth'}",
                               f"--out_dir={stemp}", "--batch_size=16", "--texture_loss=l1", "--uv_source=render",
-                              f"--{'' if recipe['mirror_cameras'] else 'no'}mirror_cameras")
+                              mirror_flag)
     train("stage 2", "experiments.train_s2", s2_name, f"--scops_path={data / 'scops'}", f"--stemp_path={stemp}",
           f"--batch_size={recipe['s2_batch']}", "--num_epochs=100000", f"--num_iter={recipe['s2_iters']}",
           f"--init_from={s1 / 'pred_net_latest.pth'}", "--learning_rate=1e-4", f"--vertex_loss={FLAGS.vertex_loss}")

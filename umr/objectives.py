@@ -358,8 +358,7 @@ class Stage2Objective(_Objective):
         alphas = render.image[:, 3]
         # under "best" the probabilities learn from the choice term alone
         weighting = probs.detach() if c.hypothesis_choice == "best" else probs
-        neg_ious = L.hypothesis_neg_iou(alphas.view(B, K, *alphas.shape[1:]), mask)
-        terms["mask"] = c.mask_loss_wt * (weighting * neg_ious).sum(1).mean()
+        terms["mask"] = c.mask_loss_wt * L.multi_mask_loss(alphas.view(B, K, *alphas.shape[1:]), mask, weighting)
         terms.update(self._regularisers(out))
         terms["deform"] = c.deform_reg_wt * L.deform_loss(out["delta_v"])
 
@@ -396,6 +395,7 @@ class Stage2Objective(_Objective):
             train_probs=not c.quirks.detached_probs, visible=visible if visible_only else None)
         if c.hypothesis_choice == "best":
             with torch.no_grad():
+                neg_ious = L.hypothesis_neg_iou(alphas.view(B, K, *alphas.shape[1:]), mask)
                 scores = hypothesis_choice_scores(c, neg_ious, template, self.part_vertices, hyps, points, visible)
             terms["choice"] = c.choice_loss_wt * L.hypothesis_choice_loss(probs, scores)
         return sum(terms.values()), terms
