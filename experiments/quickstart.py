@@ -50,7 +50,7 @@ from umr.data.cub import CUBDataset
 RECIPES = {
     "quick": dict(num_train=640, num_val=50, num_test=100, s1_epochs=12, template_every=2, s1_batch=16,
                   s2_iters=400, s2_batch=8, number_pairs=200, mirror_cameras=True),
-    # mirror cameras not yet measured on the long budget (README: "Stage 1's lumps")
+    # mirror cameras made the long stage 1 a blade (README: "Stage 1's lumps")
     "long": dict(num_train=3000, num_val=100, num_test=200, s1_epochs=4, template_every=2, s1_batch=16,
                  s2_iters=3000, s2_batch=8, number_pairs=1000, mirror_cameras=False),
 }
