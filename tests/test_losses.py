@@ -139,6 +139,45 @@ def test_part_matching_prefers_the_true_pose(birds, device):
         assert loss(birds["verts"], birds["faces"], turned(birds["cams"], degrees), maps) > true
 
 
+def test_part_matching_per_image_rows_are_each_images_loss(birds, device):
+    birds = to_device(birds, device)
+    batch = birds["batch"]
+    labels = birds["face_parts"][:, None].expand(-1, 36)
+    loss = L.PartMatchingLoss(labels, make_renderer(SIZE))
+    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    cams = turned(birds["cams"], 40)
+    rows = loss.per_image(birds["verts"], birds["faces"], cams, maps)
+    assert rows.shape == (3,)
+    for b in range(3):
+        torch.testing.assert_close(rows[b], loss(birds["verts"][b : b + 1], birds["faces"], cams[b : b + 1], maps[b : b + 1]))
+    torch.testing.assert_close(rows.mean(), loss(birds["verts"], birds["faces"], cams, maps))
+    # other weights: the category's (background 0, head 5, belly 5) passed explicitly give the same rows
+    same = loss.per_image(birds["verts"], birds["faces"], cams, maps, torch.tensor(BIRDS.part_weight_vector()))
+    torch.testing.assert_close(same, rows)
+    equal = loss.per_image(birds["verts"], birds["faces"], cams, maps, torch.tensor([0.0, 1, 1, 1, 1]))
+    assert not torch.allclose(equal, rows)
+
+
+def test_part_matching_tells_a_view_from_its_mirror_image_where_silhouettes_cannot(birds):
+    """Seen through the image plane's mirror (the front for the back, above for below) a
+    symmetric bird has the same silhouette, but other parts face the camera: the part loss with
+    every part weighted (``--part_choice_wt``'s rows) prefers the true view."""
+    batch = birds["batch"]
+    labels = birds["face_parts"][:, None].expand(-1, 36)
+    renderer = make_renderer(SIZE)
+    loss = L.PartMatchingLoss(labels, renderer)
+    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    verts = birds["verts"]  # each photo's own bird
+    cams, twins = birds["cams"], mirror_through_image_plane(birds["cams"])
+    alpha = {name: renderer(verts, birds["faces"], c).image[:, 3] for name, c in (("true", cams), ("twin", twins))}
+    torch.testing.assert_close(L.neg_iou(alpha["true"], batch["mask"]), L.neg_iou(alpha["twin"], batch["mask"]),
+                               atol=0.05, rtol=0)  # alike but for the head turn of each synthetic bird
+    every_part = torch.tensor([0.0, 1, 1, 1, 1])
+    true = loss.per_image(verts, birds["faces"], cams, maps, every_part)
+    twin = loss.per_image(verts, birds["faces"], twins, maps, every_part)
+    assert (twin > 5 * true).all(), (true, twin)
+
+
 @pytest.mark.parametrize("num_parts", [1, 4, 5, 7])
 def test_part_maps_equal_one_grey_render_per_part(birds, num_parts):
     # the part renders are packed three parts to a render; each channel must equal the render
@@ -351,6 +390,76 @@ def test_stage2_best_hypothesis_choice_trains_the_probabilities_toward_the_losse
     torch.testing.assert_close(terms["choice"], 0.5 * expected)
     assert "choice" not in objective.__class__(model, ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1",
                                                                                 use_gan=False), labels, parts)(out, batch, 0)[1]
+
+
+def test_stage2_winner_choice_trains_only_each_photos_chosen_hypothesis(birds):
+    """--hypothesis_choice winner: the silhouette and vertex terms reach, for every photo, only
+    the hypothesis with the lowest score (the cross-entropy's target), and not the probabilities."""
+    batch = birds["batch"]
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    labels = torch.randint(0, 5, (1280, 36))
+    parts = symmetric_bird("cpu")[2]
+    out = model(batch["img"], torch.zeros(3, 350), torch.full((3,), 0.5))
+    B, K = out["cam_probs"].shape
+    terms = {}
+    for choice in ("best", "winner"):
+        config = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1", use_gan=False, hypothesis_choice=choice)
+        terms[choice] = Stage2Objective(model, config, labels, parts)(out, batch, 0)[1]
+    torch.testing.assert_close(terms["winner"]["choice"], terms["best"]["choice"])  # the same target
+    log_probs = torch.log(out["cam_probs"].detach() + 1e-9)
+    target = None
+    for name in ("mask", "vertex"):
+        grad_hyps, grad_probs = torch.autograd.grad(terms["winner"][name], [out["cam_hypotheses"], out["cam_probs"]],
+                                                    retain_graph=True, allow_unused=True)
+        moved = grad_hyps.abs().sum(-1) > 0  # (B, K): which hypotheses this term moves
+        assert (moved.sum(1) == 1).all(), (name, moved)
+        target = moved.float().argmax(1) if target is None else target
+        assert torch.equal(moved.float().argmax(1), target)
+        assert grad_probs is None or not grad_probs.any()
+        best_grad = torch.autograd.grad(terms["best"][name], out["cam_hypotheses"], retain_graph=True)[0]
+        assert ((best_grad.abs().sum(-1) > 0).sum(1) > 1).all()  # best: every hypothesis moves
+    expected = -log_probs[torch.arange(B), target].mean()
+    torch.testing.assert_close(terms["winner"]["choice"].detach(), expected)
+
+
+def test_stage2_part_choice_trains_only_the_probabilities_by_every_hypothesis_part_loss(birds):
+    """--part_choice_wt: the term is Σ_k p_k ℓ_k with ℓ_k the part matching loss of the shape
+    seen from hypothesis k (every part weighted equally), computed here from the renders; it
+    trains the probability layers and nothing else. Under --hypothesis_choice best the same rows
+    join the scores whose lowest is the target."""
+    batch = birds["batch"]
+    torch.manual_seed(0)
+    model = MeshNet(stage=2, img_size=SIZE, pretrained_encoder=False, uv_height=16, uv_channels=32)
+    labels = torch.randint(0, 5, (1280, 36))
+    parts = symmetric_bird("cpu")[2]
+    config = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1", use_gan=False, part_choice_wt=3.0)
+    objective = Stage2Objective(model, config, labels, parts)
+    out = model(batch["img"], torch.zeros(3, 350), torch.full((3,), 0.5))
+    _, terms = objective(out, batch, 0)
+
+    B, K = out["cam_probs"].shape
+    part_loss = L.PartMatchingLoss(labels, make_renderer(SIZE))
+    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    rows = torch.stack([part_loss.per_image(out["verts"].detach(), model.faces, out["cam_hypotheses"][:, k].detach(),
+                                            maps, torch.tensor([0.0, 1, 1, 1, 1])) for k in range(K)], 1)
+    torch.testing.assert_close(terms["part_choice"], 3.0 * (out["cam_probs"] * rows).sum(1).mean())
+    model.zero_grad()
+    terms["part_choice"].backward(retain_graph=True)
+    trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all(".prob_predictor." in name or "cam_predictor" in name or "encoder" in name for name in trained)
+    heads = model.cam_predictor.camera_predictor
+    assert all(h.prob_predictor.weight.grad.abs().sum() > 0 for h in heads)
+    assert all(h.quat_predictor.pred_layer.weight.grad is None or not h.quat_predictor.pred_layer.weight.grad.any()
+               for h in heads)
+    assert not any(name.startswith(("shape_predictor", "texture_predictor")) for name in trained)
+
+    best = ObjectiveConfig.for_stage(2, image_size=SIZE, texture_loss="l1", use_gan=False, hypothesis_choice="best",
+                                     part_choice_wt=1e6)  # the part rows decide the target
+    _, terms = Stage2Objective(model, best, labels, parts)(out, batch, 0)
+    assert "part_choice" not in terms
+    expected = -torch.log(out["cam_probs"][torch.arange(B), rows.argmin(1)] + 1e-9).mean()
+    torch.testing.assert_close(terms["choice"], expected)
 
 
 def test_face_sample_labels_nearest_vs_compat_rounding():

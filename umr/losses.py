@@ -308,16 +308,22 @@ class PartMatchingLoss(nn.Module):
         ys = pixel_positions(H, "edge", maps.device, maps.dtype)
         return torch.stack([(probs.sum(2) * xs).sum(-1), (probs.sum(3) * ys).sum(-1)], dim=-1)
 
+    def per_image(self, verts, faces, cams, part_maps, part_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,) the loss of every image; ``part_weights`` (P + 1,) replaces the category's pixel
+        weights. Arguments as :meth:`forward`."""
+        weights = self.part_weights if part_weights is None else part_weights.to(self.part_weights)
+        rendered = self.render_parts(verts, faces, cams.detach())
+        pred = torch.cat([torch.full_like(rendered[:, :1], 0.1), rendered], dim=1)
+        loss_ctr = ((self.centres(pred) - self.centres(part_maps)) ** 2).mean((1, 2))
+        pred_n = pred / pred.flatten(2).max(-1).values.clamp_min(1e-5)[..., None, None]
+        target_n = part_maps / part_maps.flatten(2).max(-1).values.clamp_min(1e-5)[..., None, None]
+        loss_pix = (weights[None, :, None, None] * (pred_n - target_n) ** 2).mean((1, 2, 3))
+        return (loss_pix + loss_ctr) / 4
+
     def forward(self, verts, faces, cams, part_maps) -> torch.Tensor:
         """verts (B, V, 3) (gradients flow here), cams (B, 7) (detached here), part_maps
         (B, P + 1, H, W): the loader's SCOPS maps normalised per image and channel."""
-        rendered = self.render_parts(verts, faces, cams.detach())
-        pred = torch.cat([torch.full_like(rendered[:, :1], 0.1), rendered], dim=1)
-        loss_ctr = F.mse_loss(self.centres(pred), self.centres(part_maps))
-        pred_n = pred / pred.flatten(2).max(-1).values.clamp_min(1e-5)[..., None, None]
-        target_n = part_maps / part_maps.flatten(2).max(-1).values.clamp_min(1e-5)[..., None, None]
-        loss_pix = (self.part_weights[None, :, None, None] * (pred_n - target_n) ** 2).mean()
-        return (loss_pix + loss_ctr) / 4
+        return self.per_image(verts, faces, cams, part_maps).mean()
 
 
 def face_sample_labels(seg: np.ndarray, uv_sampler: torch.Tensor, mesh, rounded: bool = False) -> torch.Tensor:

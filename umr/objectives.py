@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from umr import losses as L
@@ -88,9 +89,17 @@ class ObjectiveConfig:
                                     "visible-vertex loss (--vertex_loss visible's terms, which tell front from back "
                                     "views) is the target of a cross-entropy on them (weight --choice_loss_wt); the "
                                     "silhouette and vertex losses still move each hypothesis in proportion to its "
-                                    "probability, without training it.", stages=(2,), choices=("weighted", "best"))
+                                    "probability, without training it. winner: as best, but the silhouette and vertex "
+                                    "losses train only each photo's chosen hypothesis, so that hypotheses specialise "
+                                    "in the photos they win.", stages=(2,), choices=("weighted", "best", "winner"))
     choice_loss_wt: float = option(1.0, "Weight of the probabilities' cross-entropy under --hypothesis_choice best.",
                                    stages=(2,), lower_bound=0.0)
+    part_choice_wt: float = option(0.0, "Weight of every hypothesis' part matching loss (each part weighted "
+                                   "equally, camera and shape fixed) in what trains the camera probabilities: "
+                                   "weighted by them under --hypothesis_choice weighted, added to the scores under "
+                                   "best. Silhouettes and projected part vertices look alike from the front and from "
+                                   "behind; the rendered parts (belly or back in view) do not. 0: the original, whose "
+                                   "part loss sees only the sampled camera.", stages=(2,), lower_bound=0.0)
     renderer: str = option("kernel", "Rasterizer behind the training renders: the C++/CUDA kernels, or the dense "
                            "PyTorch reference (same numbers, far slower; for checking the kernels).",
                            choices=tuple(RENDERER_BACKENDS))
@@ -336,6 +345,16 @@ class Stage2Objective(_Objective):
         # iteration uses its own batch). In state_dict (extra state) for exact resumes.
         self.previous_real: Optional[torch.Tensor] = None
 
+    def hypothesis_part_losses(self, verts: torch.Tensor, hyps: torch.Tensor, part_maps: torch.Tensor) -> torch.Tensor:
+        """(B, K) part matching loss of the shapes ``verts`` (B, V, 3) seen from every hypothesis
+        ``hyps`` (B, K, 7), every part weighted equally (``--part_choice_wt``)."""
+        B, K = hyps.shape[:2]
+        weights = torch.ones(part_maps.shape[1])
+        weights[0] = 0  # background, as the category's weights
+        rows = self.part_loss.per_image(verts.repeat_interleave(K, 0), self.faces, hyps.reshape(B * K, 7),
+                                        part_maps.repeat_interleave(K, 0), weights)
+        return rows.view(B, K)
+
     def get_extra_state(self):
         return {"previous_real": None if self.previous_real is None else self.previous_real.cpu()}
 
@@ -356,8 +375,33 @@ class Stage2Objective(_Objective):
         render = self.renderer(verts.repeat_interleave(K, dim=0), faces, hyps.reshape(B * K, 7),
                                    textures.repeat_interleave(K, dim=0), rgb_geometry_grad=False)
         alphas = render.image[:, 3]
-        # under "best" the probabilities learn from the choice term alone
-        weighting = probs.detach() if c.hypothesis_choice == "best" else probs
+        part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.quirks.q17_no_epsilon)
+        points = {p: batch[f"{p}_points"] for p in self.part_vertices}
+        choosing = c.hypothesis_choice != "weighted"
+        visible = None
+        if c.vertex_loss == "visible" or choosing:
+            visible = point_visibility(verts.detach().repeat_interleave(K, dim=0), hyps.detach().reshape(B * K, 7),
+                                       render.depth, self.renderer.depth_offset).view(B, K, -1)
+        part_rows = None
+        if c.part_choice_wt > 0:
+            with torch.no_grad():
+                part_rows = self.hypothesis_part_losses(verts, hyps, part_maps)
+            if not choosing:
+                terms["part_choice"] = c.part_choice_wt * (probs * part_rows).sum(1).mean()
+        if choosing:
+            with torch.no_grad():
+                neg_ious = L.hypothesis_neg_iou(alphas.view(B, K, *alphas.shape[1:]), mask)
+                scores = hypothesis_choice_scores(c, neg_ious, template, self.part_vertices, hyps, points, visible)
+                if part_rows is not None:
+                    scores = scores + c.part_choice_wt * part_rows
+            terms["choice"] = c.choice_loss_wt * L.hypothesis_choice_loss(probs, scores)
+        # what weighs each hypothesis' silhouette and vertex losses: under "weighted" the
+        # probabilities, which learn from them; under "best" the probabilities, fixed (they learn
+        # from the choice term alone); under "winner" each photo's chosen hypothesis alone
+        if c.hypothesis_choice == "winner":
+            weighting = F.one_hot(scores.argmin(1), K).to(probs)
+        else:
+            weighting = probs.detach() if choosing else probs
         terms["mask"] = c.mask_loss_wt * L.multi_mask_loss(alphas.view(B, K, *alphas.shape[1:]), mask, weighting)
         terms.update(self._regularisers(out))
         terms["deform"] = c.deform_reg_wt * L.deform_loss(out["delta_v"])
@@ -369,8 +413,8 @@ class Stage2Objective(_Objective):
         terms["texture_dt"] = c.tex_dt_loss_wt * L.texture_dt_loss(out["tex_flow"], batch["mask_dt"])
         # the cycle loss looks at the render of the sampled camera
         sampled = torch.arange(B, device=verts.device) * K + out["cam_sample_inds"][:, 0]
-        target, visible = L.cycle_target(render.face_index[sampled], faces.shape[0], None, 2, c.quirks)
-        terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), visible)
+        target, shown = L.cycle_target(render.face_index[sampled], faces.shape[0], None, 2, c.quirks)
+        terms["texture_cycle"] = c.tex_cycle_loss_wt * L.texture_cycle_loss(out["tex_flow"], target.to(verts), shown)
 
         cam_s = out["cam"].detach()
         real = (img * mask[:, None]).detach()
@@ -381,21 +425,10 @@ class Stage2Objective(_Objective):
             terms["gan"] = c.gan_loss_wt * L.gan_loss(self.discriminator, previous, fake)
         self.previous_real = real
 
-        part_maps = L.normalise_part_maps(batch["part_prob"], mask, c.quirks.q17_no_epsilon)
         terms["part"] = c.prob_loss_wt * self.part_loss(verts, faces, cam_s, part_maps)
-        points = {p: batch[f"{p}_points"] for p in self.part_vertices}
-        visible = None
-        if c.vertex_loss == "visible" or c.hypothesis_choice == "best":
-            visible = point_visibility(verts.detach().repeat_interleave(K, dim=0), hyps.detach().reshape(B * K, 7),
-                                       render.depth, self.renderer.depth_offset).view(B, K, -1)
         every_part = {p: 1.0 for p in self.part_vertices}
         visible_only = c.vertex_loss == "visible"
         terms["vertex"] = c.vertex_loss_wt * L.vertex_correspondence_loss(
             template, self.part_vertices, hyps, weighting, points, every_part if visible_only else self.vertex_loss_weights,
             train_probs=not c.quirks.detached_probs, visible=visible if visible_only else None)
-        if c.hypothesis_choice == "best":
-            with torch.no_grad():
-                neg_ious = L.hypothesis_neg_iou(alphas.view(B, K, *alphas.shape[1:]), mask)
-                scores = hypothesis_choice_scores(c, neg_ious, template, self.part_vertices, hyps, points, visible)
-            terms["choice"] = c.choice_loss_wt * L.hypothesis_choice_loss(probs, scores)
         return sum(terms.values()), terms
