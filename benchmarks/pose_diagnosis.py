@@ -34,7 +34,7 @@ from umr.data.synth_birds import canonical_camera
 from experiments.common import load_model
 from umr.evaluation import align_rotations, rotation_of
 from umr.geometry import matrix_to_quat, quat_geodesic_angle
-from umr.objectives import ObjectiveConfig, hypothesis_choice_scores
+from umr.objectives import ObjectiveConfig, Stage2Objective, hypothesis_choice_scores
 from umr.renderer import make_renderer, point_visibility
 
 
@@ -50,11 +50,18 @@ def mean_rotation(rots: torch.Tensor) -> torch.Tensor:
     return (u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=u.dtype)) @ vt).to(rots.dtype)
 
 
-def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path) -> dict:
+CHOICE_RULES = ("mask", "mask_and_umr_vertex", "mask_and_visible_vertex", "mask_umr_vertex_and_parts",
+                "mask_visible_vertex_and_parts")
+
+
+def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path, part_choice_wt: float = 25.0) -> dict:
     """{rule: (N,) hypothesis index with the lowest stage-2 camera loss under that rule}."""
     N, K = hyps.shape[:2]
-    config = ObjectiveConfig.for_stage(2)
+    config = ObjectiveConfig.for_stage(2, image_size=model.arch["img_size"], part_choice_wt=part_choice_wt, texture_loss="l1",
+                                       use_gan=False)
     semantic = L.SemanticTemplate(stemp_path)
+    labels = L.face_sample_labels(semantic.seg, model.texture_predictor.uv_sampler, model.mesh)
+    objective = Stage2Objective(model, config, labels, semantic.vertices)
     template = model.get_mean_shape()
     renderer = make_renderer(model.arch["img_size"])
     points = {p: batch[f"{p}_points"].float() for p in semantic.vertices}
@@ -65,9 +72,14 @@ def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path) -> dic
         umr = L.vertex_correspondence_terms(template, semantic.vertices, hyps, points, BIRDS.vertex_loss_weights)
         visible = point_visibility(verts, hyps.reshape(N * K, 7), render.depth, renderer.depth_offset).view(N, K, -1)
         best = hypothesis_choice_scores(config, neg_ious, template, semantic.vertices, hyps, points, visible)
+        part_maps = L.normalise_part_maps(batch["part_prob"].float(), batch["mask"].float())
+        parts = config.part_choice_wt * objective.hypothesis_part_losses(verts[::K], hyps, part_maps)
+    mask_and_umr = config.mask_loss_wt * neg_ious + config.vertex_loss_wt * umr
     return {"mask": neg_ious.argmin(1),
-            "mask_and_umr_vertex": (config.mask_loss_wt * neg_ious + config.vertex_loss_wt * umr).argmin(1),
-            "mask_and_visible_vertex": best.argmin(1)}
+            "mask_and_umr_vertex": mask_and_umr.argmin(1),
+            "mask_and_visible_vertex": best.argmin(1),
+            "mask_umr_vertex_and_parts": (mask_and_umr + parts).argmin(1),
+            "mask_visible_vertex_and_parts": (best + parts).argmin(1)}
 
 
 def main():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from benchmarks.pose_diagnosis import choices_by_losses
+from benchmarks.pose_diagnosis import CHOICE_RULES, choices_by_losses
 from experiments.common import load_model
 from umr.data.cub import CUBDataset
 from umr.data.synth_birds import canonical_camera
@@ -58,7 +58,7 @@ def fit_probability_layers(features: torch.Tensor, weight: torch.Tensor, bias: t
 
 
 @torch.no_grad()
-def predictions(model, dataset, stemp_path) -> dict:
+def predictions(model, dataset, stemp_path, choice: str) -> dict:
     """Every photo's probability-layer inputs (N, K, F), hypotheses (N, K, 7), probabilities
     (N, K), the losses' choice (N,) and true rotation (N, 3, 3)."""
     heads = model.cam_predictor.camera_predictor
@@ -77,7 +77,7 @@ def predictions(model, dataset, stemp_path) -> dict:
     batch = default_collate(items)
     hyps = torch.cat(hyps)
     return {"features": torch.cat(features), "hyps": hyps, "probs": torch.cat(probs),
-            "choice": choices_by_losses(model, batch, hyps, stemp_path)["mask_and_visible_vertex"],
+            "choice": choices_by_losses(model, batch, hyps, stemp_path)[choice],
             "true": rotation_of(canonical_camera(batch["sfm_pose"]).float())}
 
 
@@ -92,13 +92,15 @@ def main():
     parser.add_argument("--stemp_path", required=True, help="the run's semantic template")
     parser.add_argument("--steps", type=int, default=500, help="full-batch Adam steps")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--choice", default="mask_and_visible_vertex", choices=CHOICE_RULES,
+                        help="the losses whose lowest is the target (benchmarks.pose_diagnosis.choices_by_losses)")
     args = parser.parse_args()
     model = load_model(args.model_path, torch.device("cpu"))
     if model.stage != 2:
         parser.error("--model_path: a stage-2 model is needed (camera hypotheses)")
     sets = {split: predictions(model, CUBDataset(f"{args.data}/CUB_200_2011", f"{args.data}/cachedir/cub", split=split,
                                                  img_size=model.arch["img_size"], mirror=False, jitter_frac=0.0,
-                                                 scops_path=f"{args.data}/scops"), args.stemp_path)
+                                                 scops_path=f"{args.data}/scops"), args.stemp_path, args.choice)
             for split in ("train", "test")}
     heads = model.cam_predictor.camera_predictor
     weight = torch.stack([head.prob_predictor.weight[0] for head in heads])

@@ -65,10 +65,10 @@ def test_supervised_bound_runs_end_to_end_and_reports_test_and_training_errors(s
 
 def test_pose_diagnosis_chooses_the_hypothesis_whose_silhouette_fits(synth_set, tmp_path):
     """``choices_by_losses``: of hypotheses that put the mesh out of the frame and one that puts it
-    where the photo's mask is, the silhouette rule picks the latter for every photo."""
+    where the photo's mask is, every rule picks the latter for every photo."""
     from torch.utils.data import default_collate
 
-    from benchmarks.pose_diagnosis import choices_by_losses
+    from benchmarks.pose_diagnosis import CHOICE_RULES, choices_by_losses
     from umr.data.cub import CUBDataset
     from umr.data.synth_birds import truth_template
     from umr.renderer import make_renderer
@@ -90,8 +90,9 @@ def test_pose_diagnosis_chooses_the_hypothesis_whose_silhouette_fits(synth_set, 
         verts = model(batch["img"].float())["verts"]
         batch["mask"] = (make_renderer(64)(verts, model.faces, hyps[:, right]).image[:, 3] > 0.5).float()
     choices = choices_by_losses(model, batch, hyps, stemp)
-    assert set(choices) == {"mask", "mask_and_umr_vertex", "mask_and_visible_vertex"}
-    assert choices["mask"].tolist() == [right] * N
+    assert set(choices) == set(CHOICE_RULES)
+    for rule in CHOICE_RULES:  # every rule's silhouette, vertex and part terms are worst out of the frame
+        assert choices[rule].tolist() == [right] * N, rule
 
 
 def test_prob_refit_learns_a_choice_the_features_carry():
