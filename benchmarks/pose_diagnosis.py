@@ -57,8 +57,8 @@ CHOICE_RULES = ("mask", "mask_and_umr_vertex", "mask_and_visible_vertex", "mask_
 def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path, part_choice_wt: float = 25.0) -> dict:
     """{rule: (N,) hypothesis index with the lowest stage-2 camera loss under that rule}."""
     N, K = hyps.shape[:2]
-    config = ObjectiveConfig.for_stage(2, image_size=model.arch["img_size"], part_choice_wt=part_choice_wt, texture_loss="l1",
-                                       use_gan=False)
+    config = ObjectiveConfig.for_stage(2, image_size=model.arch["img_size"], part_choice_wt=part_choice_wt,
+                                       texture_loss="l1", use_gan=False)
     semantic = L.SemanticTemplate(stemp_path)
     labels = L.face_sample_labels(semantic.seg, model.texture_predictor.uv_sampler, model.mesh)
     objective = Stage2Objective(model, config, labels, semantic.vertices)

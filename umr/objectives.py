@@ -92,14 +92,15 @@ class ObjectiveConfig:
                                     "probability, without training it. winner: as best, but the silhouette and vertex "
                                     "losses train only each photo's chosen hypothesis, so that hypotheses specialise "
                                     "in the photos they win.", stages=(2,), choices=("weighted", "best", "winner"))
-    choice_loss_wt: float = option(1.0, "Weight of the probabilities' cross-entropy under --hypothesis_choice best.",
-                                   stages=(2,), lower_bound=0.0)
+    choice_loss_wt: float = option(1.0, "Weight of the probabilities' cross-entropy under --hypothesis_choice best "
+                                   "or winner.", stages=(2,), lower_bound=0.0)
     part_choice_wt: float = option(0.0, "Weight of every hypothesis' part matching loss (each part weighted "
                                    "equally, camera and shape fixed) in what trains the camera probabilities: "
                                    "weighted by them under --hypothesis_choice weighted, added to the scores under "
-                                   "best. Silhouettes and projected part vertices look alike from the front and from "
-                                   "behind; the rendered parts (belly or back in view) do not. 0: the original, whose "
-                                   "part loss sees only the sampled camera.", stages=(2,), lower_bound=0.0)
+                                   "best and winner. Silhouettes and projected part vertices look alike from the "
+                                   "front and from behind; the rendered parts (belly or back in view) do not. 0: the "
+                                   "original, whose part loss sees only the sampled camera.", stages=(2,),
+                                   lower_bound=0.0)
     renderer: str = option("kernel", "Rasterizer behind the training renders: the C++/CUDA kernels, or the dense "
                            "PyTorch reference (same numbers, far slower; for checking the kernels).",
                            choices=tuple(RENDERER_BACKENDS))
