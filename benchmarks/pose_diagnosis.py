@@ -12,7 +12,8 @@ right, predicted and true; a camera that never turns the bird round agrees on ab
 A stage-1 model (one camera) gets the same keys. With ``--stemp_path`` (the run's semantic template) also
 ``chosen_by_losses``: the error when each photo's hypothesis is the one with the lowest stage-2
 camera loss on that photo (silhouette IoU of the predicted mesh, plus UMR's or the visible vertex
-loss, at stage 2's weights; the last is ``train_s2 --hypothesis_choice best``'s target). It needs
+loss, at stage 2's weights, the latter ``train_s2 --hypothesis_choice best``'s target; and each
+of these plus 25 times the hypothesis' part matching loss, ``train_s2 --part_choice_wt 25``'s). It needs
 the photo's mask and part points, so it is a diagnosis of the probabilities, not a way to predict.
 
     python -m benchmarks.pose_diagnosis --model_path <stage-1 or stage-2 pred_net_latest.pth> \
