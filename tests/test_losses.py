@@ -128,12 +128,16 @@ def part_vertices_of(face_parts, faces):
     return {name: torch.unique(faces[face_parts == label].flatten()) for label, name in enumerate(BIRDS.part_names, start=1)}
 
 
+def true_part_loss(birds, renderer=None):
+    """The part matching loss with the birds' true part labels, and their normalised SCOPS maps."""
+    labels = birds["face_parts"][:, None].expand(-1, 36)
+    batch = birds["batch"]
+    return L.PartMatchingLoss(labels, renderer or make_renderer(SIZE)), L.normalise_part_maps(batch["part_prob"], batch["mask"])
+
+
 def test_part_matching_prefers_the_true_pose(birds, device):
     birds = to_device(birds, device)
-    batch = birds["batch"]
-    labels = birds["face_parts"][:, None].expand(-1, 36)
-    loss = L.PartMatchingLoss(labels, make_renderer(SIZE))
-    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    loss, maps = true_part_loss(birds)
     true = loss(birds["verts"], birds["faces"], birds["cams"], maps)
     for degrees in (30, 90, 180):
         assert loss(birds["verts"], birds["faces"], turned(birds["cams"], degrees), maps) > true
@@ -141,10 +145,7 @@ def test_part_matching_prefers_the_true_pose(birds, device):
 
 def test_part_matching_per_image_rows_are_each_images_loss(birds, device):
     birds = to_device(birds, device)
-    batch = birds["batch"]
-    labels = birds["face_parts"][:, None].expand(-1, 36)
-    loss = L.PartMatchingLoss(labels, make_renderer(SIZE))
-    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    loss, maps = true_part_loss(birds)
     cams = turned(birds["cams"], 40)
     rows = loss.per_image(birds["verts"], birds["faces"], cams, maps)
     assert rows.shape == (3,)
@@ -163,10 +164,8 @@ def test_part_matching_tells_a_view_from_its_mirror_image_where_silhouettes_cann
     symmetric bird has the same silhouette, but other parts face the camera: the part loss with
     every part weighted (``--part_choice_wt``'s rows) prefers the true view."""
     batch = birds["batch"]
-    labels = birds["face_parts"][:, None].expand(-1, 36)
     renderer = make_renderer(SIZE)
-    loss = L.PartMatchingLoss(labels, renderer)
-    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    loss, maps = true_part_loss(birds, renderer)
     verts = birds["verts"]  # each photo's own bird
     cams, twins = birds["cams"], mirror_through_image_plane(birds["cams"])
     alpha = {name: renderer(verts, birds["faces"], c).image[:, 3] for name, c in (("true", cams), ("twin", twins))}
