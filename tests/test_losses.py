@@ -132,7 +132,8 @@ def true_part_loss(birds, renderer=None):
     """The part matching loss with the birds' true part labels, and their normalised SCOPS maps."""
     labels = birds["face_parts"][:, None].expand(-1, 36)
     batch = birds["batch"]
-    return L.PartMatchingLoss(labels, renderer or make_renderer(SIZE)), L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    maps = L.normalise_part_maps(batch["part_prob"], batch["mask"])
+    return L.PartMatchingLoss(labels, renderer or make_renderer(SIZE)), maps
 
 
 def test_part_matching_prefers_the_true_pose(birds, device):
