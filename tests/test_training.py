@@ -537,7 +537,7 @@ def test_prob_lr_mult_speeds_up_only_the_probability_layers(tmp_path):
     trainer.scheduler.step()
     moved = {"prob": head.prob_predictor.weight, "quat": head.quat_predictor.pred_layer.weight,
              "disc": next(objective.discriminator.parameters())}
-    steps = {k: float((moved[k] - before[k]).abs().max()) for k in before}
+    steps = {k: float((moved[k].detach() - before[k]).abs().max()) for k in before}
     assert abs(steps["prob"] - 1e-3) < 1e-6 and abs(steps["quat"] - 1e-4) < 1e-7 and abs(steps["disc"] - 1e-4) < 1e-7
     faster = {id(p) for h in model.cam_predictor.camera_predictor for p in h.prob_predictor.parameters()}
     assert {id(p) for p in trainer.optimizer.param_groups[1]["params"]} == faster
