@@ -36,7 +36,7 @@ from experiments.common import load_model
 from umr.evaluation import align_rotations, rotation_of
 from umr.geometry import matrix_to_quat, quat_geodesic_angle
 from umr.objectives import ObjectiveConfig, Stage2Objective, hypothesis_choice_scores
-from umr.renderer import make_renderer, point_visibility
+from umr.renderer import point_visibility
 
 
 def angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def choices_by_losses(model, batch: dict, hyps: torch.Tensor, stemp_path, part_c
     labels = L.face_sample_labels(semantic.seg, model.texture_predictor.uv_sampler, model.mesh)
     objective = Stage2Objective(model, config, labels, semantic.vertices)
     template = model.get_mean_shape()
-    renderer = make_renderer(model.arch["img_size"])
+    renderer = objective.renderer  # the training renders' settings, at the model's size
     points = {p: batch[f"{p}_points"].float() for p in semantic.vertices}
     with torch.no_grad():
         verts = model(batch["img"].float())["verts"].repeat_interleave(K, 0)
